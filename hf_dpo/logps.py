@@ -1,0 +1,225 @@
+"""Per-sequence log-probs of completion tokens, computed in chunks.
+
+The DPO loss needs log pi(y|x) = sum_t log p(y_t | x, y_<t) over the completion tokens only (paper,
+Eq. 7). Naively that is a log-softmax over a [rows, tokens, vocab] fp32 tensor, which is what runs a
+single GPU out of memory on long sequences and large vocabularies. Here only the positions that predict a
+completion token are taken, and they are processed `chunk_size` at a time, in forward and in backward
+(the backward recomputes each chunk's softmax from the saved log-sum-exp), so the peak extra memory is one
+[chunk, vocab] fp32 block. `sequence_logps_from_hidden` goes one step further and fuses the LM head, so
+the [tokens, vocab] logits are never materialised at all.
+
+Position convention: `input_ids[:, t]` is predicted by the output at position t - 1. `completion_mask`
+marks completion tokens in input positions (1 on the completion tokens and their EOS; 0 on the prompt
+and padding). For packed (padding-free) rows, `position_ids` restarts at 0 for each sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 24  # fp32 elements per chunk (64 MiB): [chunk_size, vocab] at most.
+
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence results, each of shape (S,), S the number of sequences in the batch.
+
+    logps: sum (or mean, with reduction="mean") of completion-token log-probs.
+    token_counts: number of completion tokens.
+    logit_sums: sum over completion tokens of the vocab-mean logit (for the `logits/*` metrics).
+    """
+
+    logps: torch.Tensor
+    token_counts: torch.Tensor
+    logit_sums: torch.Tensor
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log p(target) for M positions, from hidden states and an optional LM head, chunk by chunk.
+
+    forward(hidden (M, H), weight (V, H) or None, bias (V,) or None, targets (M,), chunk_size)
+        -> (token_logps (M,) fp32, mean_logits (M,) fp32, non-differentiable)
+    With weight None, `hidden` already holds the logits (M, V).
+    """
+
+    @staticmethod
+    def _logits(hidden_chunk, weight, bias):
+        if weight is None:
+            return hidden_chunk.float()
+        logits = hidden_chunk @ weight.t()
+        if bias is not None:
+            logits = logits + bias
+        return logits.float()
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+        num = hidden.shape[0]
+        token_logps = hidden.new_empty(num, dtype=torch.float32)
+        mean_logits = hidden.new_empty(num, dtype=torch.float32)
+        lse = hidden.new_empty(num, dtype=torch.float32)
+        for start in range(0, num, chunk_size):
+            end = min(start + chunk_size, num)
+            logits = _ChunkedTokenLogps._logits(hidden[start:end], weight, bias)
+            chunk_lse = torch.logsumexp(logits, dim=-1)
+            token_logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - chunk_lse
+            mean_logits[start:end] = logits.mean(-1)
+            lse[start:end] = chunk_lse
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(mean_logits)
+        return token_logps, mean_logits
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_mean_logits):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(start + ctx.chunk_size, hidden.shape[0])
+            logits = _ChunkedTokenLogps._logits(hidden[start:end], weight, bias)
+            # d log p(y) / d logits = onehot(y) - softmax(logits), scaled by the incoming gradient.
+            grad_logits = torch.exp(logits - lse[start:end, None]).mul_(-grad_logps[start:end, None])
+            grad_logits.scatter_add_(1, targets[start:end, None], grad_logps[start:end, None])
+            del logits
+            if weight is None:
+                if need_hidden:
+                    grad_hidden[start:end] = grad_logits.to(hidden.dtype)
+                continue
+            grad_logits = grad_logits.to(hidden.dtype)
+            if need_hidden:
+                grad_hidden[start:end] = grad_logits @ weight
+            if need_weight:
+                grad_weight += (grad_logits.t() @ hidden[start:end]).float()
+            if need_bias:
+                grad_bias += grad_logits.float().sum(0)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
+
+
+def token_logps(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(targets) for M positions: (M, H) hidden states (or (M, V) logits when weight is None).
+
+    Returns (token_logps (M,), mean_logits (M,)), fp32; only the first carries gradients.
+    """
+    vocab = hidden.shape[-1] if weight is None else weight.shape[0]
+    chunk = chunk_size or default_chunk_size(vocab)
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk)
+
+
+def completion_positions(
+    input_ids: torch.Tensor, completion_mask: torch.Tensor, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Which output positions predict a completion token, and which sequence each belongs to.
+
+    Args:
+        input_ids, completion_mask: (R, T); R rows (padded) or 1 row of packed sequences.
+        position_ids: (R, T) for packed rows (restarting at 0 per sequence); None for padded rows.
+    Returns:
+        predictor_mask (R, T-1) bool: output position t predicts input token t+1, a completion token.
+        targets (M,): the predicted token ids, M = predictor_mask.sum().
+        sequence_index (M,): the sequence each predicted token belongs to.
+        num_sequences: S (R for padded rows; the number of packed sequences otherwise).
+    """
+    predictor_mask = completion_mask[:, 1:].bool()
+    if position_ids is None:
+        sequence_of_position = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand(
+            -1, input_ids.shape[1]
+        )
+        num_sequences = input_ids.shape[0]
+    else:
+        starts = position_ids == 0
+        # A sequence's first token has no predictor inside that sequence: never score it.
+        predictor_mask = predictor_mask & ~starts[:, 1:]
+        sequence_of_position = starts.flatten().cumsum(0).view_as(position_ids) - 1
+        num_sequences = int(starts.sum())
+    targets = input_ids[:, 1:][predictor_mask]
+    sequence_index = sequence_of_position[:, 1:][predictor_mask]
+    return predictor_mask, targets, sequence_index, num_sequences
+
+
+def _reduce(
+    per_token: torch.Tensor,
+    mean_logits: torch.Tensor,
+    sequence_index: torch.Tensor,
+    num_sequences: int,
+    reduction: str,
+) -> SequenceLogps:
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"logp_reduction must be 'sum' or 'mean', got {reduction!r}")
+    zeros = per_token.new_zeros(num_sequences)
+    logps = zeros.index_add(0, sequence_index, per_token)
+    counts = zeros.detach().index_add(0, sequence_index, torch.ones_like(per_token.detach()))
+    logit_sums = zeros.detach().index_add(0, sequence_index, mean_logits.detach())
+    if reduction == "mean":
+        # The seed's option: average per completion token (the paper sums).
+        logps = logps / counts.clamp(min=1)
+    return SequenceLogps(logps=logps, token_counts=counts, logit_sums=logit_sums)
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    reduction: str = "sum",
+    chunk_size: int | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> SequenceLogps:
+    """Per-sequence completion log-probs from full logits.
+
+    Args:
+        logits: (R, T, V), any float dtype; upcast to fp32 one chunk at a time.
+        input_ids, completion_mask: (R, T). position_ids: (R, T) for packed rows, else None.
+        reduction: "sum" (the paper) or "mean" (divide by the completion length).
+        chunk_size: positions per chunk; default keeps one chunk at <= 64 MiB fp32.
+    Returns:
+        SequenceLogps with (S,) tensors.
+    """
+    predictor_mask, targets, sequence_index, num_sequences = completion_positions(
+        input_ids, completion_mask, position_ids
+    )
+    selected = logits[:, :-1][predictor_mask]  # (M, V)
+    per_token, mean_logits = token_logps(selected, targets, chunk_size=chunk_size)
+    return _reduce(per_token, mean_logits, sequence_index, num_sequences, reduction)
+
+
+def sequence_logps_from_hidden(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    input_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    reduction: str = "sum",
+    chunk_size: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+) -> SequenceLogps:
+    """Per-sequence completion log-probs from the final hidden states, with the LM head fused in.
+
+    Args:
+        hidden_states: (R, T, H) after the model's final norm. lm_head_weight: (V, H); lm_head_bias: (V,).
+        Others as in `sequence_logps`.
+    Only the M completion-predicting positions go through the head, chunk by chunk, so neither the
+    [R, T, V] logits nor their fp32 log-softmax ever exist in full, in forward or backward.
+    """
+    predictor_mask, targets, sequence_index, num_sequences = completion_positions(
+        input_ids, completion_mask, position_ids
+    )
+    selected = hidden_states[:, :-1][predictor_mask]  # (M, H)
+    per_token, mean_logits = token_logps(selected, targets, lm_head_weight, lm_head_bias, chunk_size)
+    return _reduce(per_token, mean_logits, sequence_index, num_sequences, reduction)
