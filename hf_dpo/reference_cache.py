@@ -1,0 +1,136 @@
+"""Precomputed reference log-probs: one no-grad pass before training, cached on disk.
+
+The cache key covers everything the values depend on: the base model (name, config, weight files), the
+reference adapter's weights, the tokenised data (its `datasets` fingerprint, which covers the rows and the
+tokenisation settings) and the log-prob reduction. Under several processes each rank computes a disjoint
+shard of the rows once, and every rank receives the full column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .modeling import REFERENCE_ADAPTER, unwrap
+from .tiny import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+def _weights_signature(model: torch.nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    name = str(getattr(config, "_name_or_path", "")) if config is not None else ""
+    files = []
+    if name and os.path.isdir(name):
+        for entry in sorted(Path(name).iterdir()):
+            if entry.suffix in (".safetensors", ".bin"):
+                stat = entry.stat()
+                files.append((entry.name, stat.st_size, int(stat.st_mtime)))
+    return {"name": name, "config": config.to_json_string() if config is not None else "", "files": files}
+
+
+def _adapter_digest(model: torch.nn.Module, adapter: str) -> str:
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if f".{adapter}." in name:
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def reference_cache_key(trainer, dataset) -> str:
+    model = unwrap(trainer.ref_model if trainer.ref_model is not None else trainer.model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parts = {
+        "version": CACHE_VERSION,
+        "data": dataset._fingerprint,
+        "model": _weights_signature(base),
+        "reference_adapter": (
+            _adapter_digest(model, REFERENCE_ADAPTER)
+            if REFERENCE_ADAPTER in getattr(model, "peft_config", {})
+            else None
+        ),
+        "separate_ref_model": trainer.ref_model is not None,
+        "reduction": trainer.args.logp_reduction,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _compute_rows(trainer, dataset, indices: list[int]) -> list[list[float]]:
+    from torch.utils.data import DataLoader
+
+    if not indices:
+        return []
+    loader = DataLoader(
+        dataset.select(indices),
+        batch_size=trainer.args.per_device_eval_batch_size,
+        collate_fn=trainer.data_collator,
+        shuffle=False,
+    )
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    values: list[list[float]] = []
+    try:
+        for batch in loader:
+            batch = trainer._prepare_inputs(batch)
+            batch.pop("ref_logps", None)
+            ref = trainer.reference_logps(model, batch)
+            for row, mask in zip(ref.float().cpu(), batch["response_mask"].cpu()):
+                values.append(row[mask].tolist())
+    finally:
+        model.train(was_training)
+    return values
+
+
+def precompute_reference_logps(trainer, dataset):
+    """Return `dataset` with a `ref_logps` column (list of K floats per row), from cache when possible."""
+    from safetensors.torch import load_file, save_file
+
+    key = reference_cache_key(trainer, dataset)
+    cache_dir = default_cache_dir() / "ref_logps"
+    path = cache_dir / f"{key}.safetensors"
+    accelerator = trainer.accelerator
+    values = None
+    if path.exists():
+        stored = load_file(str(path))
+        if stored["offsets"].numel() == len(dataset) + 1:
+            flat, offsets = stored["values"].tolist(), stored["offsets"].tolist()
+            values = [flat[offsets[i] : offsets[i + 1]] for i in range(len(dataset))]
+            logger.info("reference log-probs for %d rows loaded from cache %s", len(dataset), path)
+    if values is None:
+        world, rank = accelerator.num_processes, accelerator.process_index
+        mine = list(range(rank, len(dataset), world))
+        computed = _compute_rows(trainer, dataset, mine)
+        if world > 1:
+            gathered = [None] * world
+            torch.distributed.all_gather_object(gathered, (mine, computed))
+        else:
+            gathered = [(mine, computed)]
+        values = [None] * len(dataset)
+        for indices, rows in gathered:
+            for index, row in zip(indices, rows):
+                values[index] = row
+        if accelerator.is_main_process:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            offsets = [0]
+            for row in values:
+                offsets.append(offsets[-1] + len(row))
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            save_file(
+                {
+                    "values": torch.tensor([v for row in values for v in row], dtype=torch.float32),
+                    "offsets": torch.tensor(offsets, dtype=torch.int64),
+                },
+                str(tmp),
+            )
+            os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
+        logger.info("reference log-probs precomputed for %d rows (cache %s)", len(dataset), path)
+    return dataset.add_column("ref_logps", values)
