@@ -1,0 +1,121 @@
+"""The `hf-dpo` command: train (the recipe), eval, push, merge."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "qlora_dpo.py"
+
+
+def _load_recipe():
+    if not RECIPE.exists():
+        raise SystemExit(
+            f"error: the recipe {RECIPE} is not here; `hf-dpo train` needs a source checkout "
+            "(pip install -e .)"
+        )
+    spec = importlib.util.spec_from_file_location("hf_dpo_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cmd_train(rest: list[str]) -> int:
+    return _load_recipe().cli(rest)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .hub import HubPushError
+    from .publish import publish, retry_command
+
+    output_dir = Path(args.output_dir)
+    if not (output_dir / "adapter_config.json").is_file():
+        print(f"error: {output_dir} holds no adapter_config.json: not a finished hf_dpo run", file=sys.stderr)
+        return 2
+    try:
+        url = publish(output_dir, args.repo_id, token=args.token, private=args.private, revision=args.revision)
+    except HubPushError as err:
+        print(f"error: push failed: {err}\nretry with: {retry_command(output_dir, args.repo_id)}", file=sys.stderr)
+        return 4
+    print(f"pushed {output_dir} to {url}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge the adapter into a full-precision copy of the base model and save it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from .modeling import load_tokenizer
+    from .tiny import resolve_model_path
+
+    adapter_dir = Path(args.adapter)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base_name = args.base or config.get("base_model_name_or_path")
+    if not base_name:
+        print("error: the adapter does not name its base model; pass --base", file=sys.stderr)
+        return 2
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_name), dtype=dtype)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(args.out)
+    load_tokenizer(str(adapter_dir) if (adapter_dir / "tokenizer_config.json").exists() else base_name).save_pretrained(
+        args.out
+    )
+    print(f"merged model saved in {args.out}")
+    return 0
+
+
+def cmd_eval(rest: list[str]) -> int:
+    from .evaluate import evaluate_cli
+
+    return evaluate_cli(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-dpo",
+        description="Direct Preference Optimization with QLoRA: train, evaluate, publish and merge adapters.",
+    )
+    parser.add_argument("--version", action="version", version=f"hf_dpo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("train", help="run the QLoRA DPO recipe: hf-dpo train [config.yaml] [--flags]", add_help=False)
+    sub.add_parser("eval", help="evaluate an adapter: hf-dpo eval ADAPTER_DIR [--dataset_name ...]", add_help=False)
+    push = sub.add_parser("push", help="publish a finished run to the Hub")
+    push.add_argument("output_dir")
+    push.add_argument("--repo-id", required=True, help="namespace/name on the Hub")
+    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    push.add_argument("--private", action="store_true", default=None, help="create the repo private")
+    push.add_argument("--revision", default=None, help="branch to push to")
+    merge = sub.add_parser("merge", help="merge an adapter into its base model (full precision)")
+    merge.add_argument("adapter", help="folder with adapter_config.json")
+    merge.add_argument("--out", required=True, help="folder for the merged model")
+    merge.add_argument("--base", default=None, help="base model (default: the one the adapter names)")
+    merge.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        return cmd_train(argv[1:])
+    if argv and argv[0] == "eval":
+        return cmd_eval(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "push":
+        return cmd_push(args)
+    if args.command == "merge":
+        return cmd_merge(args)
+    parser.print_help()
+    return 0 if not argv else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

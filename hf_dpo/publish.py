@@ -1,0 +1,130 @@
+"""What a run leaves behind and publishes: results files, the model card with its curves, and the push.
+
+The trainer calls `write_run_card` at every save; the recipe and `hf-dpo push` call `publish`. A push
+that fails never takes local artifacts with it: the caller reports the retry command and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+CURVES_FILE = "training_curves.png"
+RUN_INFO_FILE = "hf_dpo_run.json"  # settings the card needs when `hf-dpo push` re-renders it later
+
+
+def training_settings(trainer) -> dict:
+    """The flat settings table of the card (no secrets, no local paths)."""
+    args = trainer.args
+    info = trainer.run_info
+    settings = {
+        "loss_type": args.loss_type,
+        "beta": args.beta,
+        "label_smoothing": args.label_smoothing,
+        "reference_free": args.reference_free,
+        "reference": info.get("reference", "base model with the LoRA adapter disabled"),
+        "logp_reduction": args.logp_reduction,
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+        "optim": str(getattr(args.optim, "value", args.optim)),
+        "num_train_epochs": args.num_train_epochs,
+        "max_steps": args.max_steps,
+        "global_step": trainer.state.global_step,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "world_size": args.world_size,
+        "max_length": args.max_length,
+        "max_prompt_length": args.max_prompt_length,
+        "precompute_ref_log_probs": args.precompute_ref_log_probs,
+        "padding_free": args.padding_free,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "seed": args.seed,
+    }
+    for key in ("quantization", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
+        if key in info:
+            settings[key] = info[key]
+    return settings
+
+
+def final_results(log_history: list[dict]) -> dict:
+    """The last logged value of every train and eval metric (train_* summary keys excluded)."""
+    results: dict = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key in ("step", "epoch") or not isinstance(value, (int, float)):
+                continue
+            if key.startswith("train_") or key.endswith(("_runtime", "_per_second")):
+                continue
+            results[key] = value
+    return results
+
+
+def write_run_card(trainer, output_dir: str | os.PathLike) -> Path:
+    """Render README.md (and training_curves.png) into `output_dir` from the trainer's state."""
+    from .model_card import plot_training_curves, write_model_card
+
+    output_dir = Path(output_dir)
+    curves = plot_training_curves(trainer.state.log_history, output_dir / CURVES_FILE)
+    info = trainer.run_info
+    card_inputs = {
+        "base_model": info.get("base_model", "unknown"),
+        "datasets": list(info.get("datasets", [])),
+        "training": training_settings(trainer),
+        "results": final_results(trainer.state.log_history),
+        "hub_model_id": trainer.args.hub_model_id,
+        "license": info.get("license"),
+    }
+    (output_dir / RUN_INFO_FILE).write_text(json.dumps(card_inputs, indent=2, default=str))
+    return write_model_card(
+        output_dir,
+        **card_inputs,
+        template_path=trainer.args.model_card_template,
+        curves_image=str(output_dir / CURVES_FILE) if curves else None,
+    )
+
+
+def retry_command(output_dir: str | os.PathLike, repo_id: str) -> str:
+    return f"hf-dpo push {output_dir} --repo-id {repo_id}"
+
+
+def publish(output_dir: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool | None = None,
+            revision: str | None = None, commit_message: str | None = None) -> str:
+    """Push a finished run's adapter, tokenizer, card and results; raises hub.HubPushError on failure."""
+    from .hub import push_output_dir
+
+    kwargs = {"token": token, "private": private, "revision": revision}
+    if commit_message:
+        kwargs["commit_message"] = commit_message
+    return push_output_dir(output_dir, repo_id, **kwargs)
+
+
+class HubStrategyCallback(TrainerCallback):
+    """Pushes during training as transformers' `hub_strategy` would ("every_save", "checkpoint",
+    "all_checkpoints"); "end" pushes only when the run is published at the end. A failed push during
+    training is logged and remembered; training goes on."""
+
+    def __init__(self, trainer, repo_id: str, strategy: str):
+        self.trainer = trainer
+        self.repo_id = repo_id
+        self.strategy = strategy
+        self.failures: list[str] = []
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.strategy == "end" or not args.should_save:
+            return
+        from .hub import HubPushError
+
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = checkpoint if checkpoint.is_dir() else Path(args.output_dir)
+        try:
+            publish(folder, self.repo_id, token=self.trainer.hub_token, private=args.hub_private_repo,
+                    revision=args.hub_revision, commit_message=f"Training in progress, step {state.global_step}")
+        except HubPushError as err:
+            logger.warning("push at step %d failed: %s", state.global_step, err)
+            self.failures.append(str(err))
