@@ -1,0 +1,277 @@
+"""DPOTrainer on a tiny real Llama in real bitsandbytes 4-bit with a real peft LoRA adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from trainer_helpers import (
+    base_state,
+    dequantized_twin,
+    dpo_config,
+    load,
+    lora_state,
+    model_args,
+    tokenised_rows,
+)
+
+from hf_dpo.collator import PreferenceCollator
+from hf_dpo.modeling import guard_cpu_4bit_repacking, load_model
+from hf_dpo.trainer import METRIC_NAMES, DPOTrainer, NonFiniteLossError
+
+LN2 = math.log(2.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_path(tmp_path_factory):
+    from hf_dpo.tiny import ensure_tiny_model
+
+    return str(ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def _trainer(path, out, dataset=None, loaded=None, **config):
+    loaded = loaded or load(path)
+    dataset = dataset if dataset is not None else tokenised_rows(loaded.tokenizer)
+    args = dpo_config(out, **config)
+    return DPOTrainer(model=loaded.model, args=args, train_dataset=dataset, eval_dataset=dataset,
+                      processing_class=loaded.tokenizer, run_info={"base_model": "tiny"})
+
+
+def _batch(trainer, n=4):
+    collator = PreferenceCollator(pad_token_id=trainer.processing_class.pad_token_id)
+    return trainer._prepare_inputs(collator([trainer.train_dataset[i] for i in range(n)]))
+
+
+def test_step0_loss_is_ln2_with_zero_rewards(tiny_model_path, tmp_path):
+    """A fresh LoRA (B = 0) makes policy == reference: loss ln 2, rewards and margins 0, accuracy 0 (ties)."""
+    trainer = _trainer(tiny_model_path, tmp_path)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, _batch(trainer))
+    assert loss.item() == pytest.approx(LN2, abs=1e-6)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(LN2, abs=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert metrics[f"eval_{key}"] == 0.0
+    assert set(f"eval_{k}" for k in METRIC_NAMES) <= set(metrics)
+
+
+def test_one_policy_forward_and_one_reference_forward_per_step(tiny_model_path, tmp_path):
+    trainer = _trainer(tiny_model_path, tmp_path)
+    calls = []
+    base = trainer.model.get_base_model()
+    handle = base.register_forward_hook(lambda m, a, kw_out=None: calls.append(torch.is_grad_enabled()))
+    trainer.model.train()
+    batch = _batch(trainer)
+    trainer.compute_loss(trainer.model, batch)
+    handle.remove()
+    assert calls == [True, False]  # the concatenated policy forward, then the no-grad reference forward
+    assert batch["input_ids"].shape[0] == 8  # 4 pairs -> 8 rows [chosen; rejected]
+
+
+def test_reference_equals_base_model_without_adapter_before_and_after_training(tiny_model_path, tmp_path):
+    trainer = _trainer(tiny_model_path, tmp_path, max_steps=3)
+    batch = _batch(trainer)
+    trainer.model.train()
+    before = trainer.reference_logps(trainer.model, batch)
+
+    plain = AutoModelForCausalLM.from_pretrained(
+        tiny_model_path,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32),
+        dtype=torch.float32, device_map={"": "cpu"},
+    )
+    guard_cpu_4bit_repacking(plain)
+    plain.train()
+    with torch.no_grad():
+        plain_logps = trainer.sequence_logps(plain, batch).logps.view(2, -1).t()
+    assert torch.equal(before, plain_logps)
+
+    trainer.train()
+    trainer.model.train()
+    after = trainer.reference_logps(trainer.model, batch)
+    assert torch.equal(before, after)
+    with torch.no_grad():
+        policy = trainer.sequence_logps(trainer.model, batch).logps.view(2, -1).t()
+    assert not torch.allclose(policy, after)  # the policy did move
+
+
+def test_continued_adapter_is_the_reference(tiny_model_path, tmp_path):
+    first = _trainer(tiny_model_path, tmp_path / "sft", max_steps=3)
+    first.train()
+    first.save_model(str(tmp_path / "sft"))
+
+    loaded = load(tiny_model_path, adapter_name_or_path=str(tmp_path / "sft"))
+    assert loaded.has_reference_adapter
+    trainer = _trainer(tiny_model_path, tmp_path / "dpo", loaded=loaded, max_steps=3)
+    batch = _batch(trainer)
+    trainer.model.train()
+
+    from peft import PeftModel
+
+    fresh = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(
+            tiny_model_path,
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=torch.float32),
+            dtype=torch.float32, device_map={"": "cpu"},
+        ),
+        str(tmp_path / "sft"),
+    )
+    guard_cpu_4bit_repacking(fresh)
+    fresh.train()
+    with torch.no_grad():
+        adapter_logps = trainer.sequence_logps(fresh, batch).logps.view(2, -1).t()
+    ref_before = trainer.reference_logps(trainer.model, batch)
+    torch.testing.assert_close(ref_before, adapter_logps, atol=1e-6, rtol=0)
+    # step 0: the policy is the same adapter, so the loss is ln 2
+    assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(LN2, abs=1e-6)
+    trainer.train()
+    trainer.model.train()
+    assert torch.equal(trainer.reference_logps(trainer.model, batch), ref_before)
+    reference_params = {k: v for k, v in trainer.model.named_parameters() if ".reference." in k}
+    assert reference_params and not any(p.requires_grad for p in reference_params.values())
+
+
+def test_only_lora_weights_change(tiny_model_path, tmp_path):
+    trainer = _trainer(tiny_model_path, tmp_path, max_steps=3)
+    lora_before, base_before = lora_state(trainer.model), base_state(trainer.model)
+    trainer.train()
+    lora_after, base_after = lora_state(trainer.model), base_state(trainer.model)
+    assert any(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before if "lora_B" in k)
+    assert all(not torch.equal(lora_before[k], lora_after[k]) for k in lora_before if "lora_B" in k)
+    assert base_before.keys() == base_after.keys()
+    for key in base_before:
+        assert torch.equal(base_before[key], base_after[key]), key
+
+
+def test_lora_gradients_match_dequantized_twin_after_eval_passes(tiny_model_path, tmp_path):
+    """Evaluation (eval mode, no_grad) and reference passes must not corrupt later 4-bit LoRA gradients
+    (bitsandbytes repacks weights for CPU inference on AVX512-BF16 machines). Ground truth: the same model
+    with every 4-bit weight dequantised to an fp32 nn.Linear."""
+    trainer = _trainer(tiny_model_path, tmp_path, max_steps=2)
+    trainer.train()  # non-zero LoRA B, so gradients reach lora_A too
+    trainer.evaluate()  # eval-mode no-grad passes over every 4-bit layer
+    model = trainer.model
+    model.train()
+    batch = _batch(trainer)
+    twin = dequantized_twin(model)
+    twin.train()
+
+    model.zero_grad()
+    trainer.compute_loss(model, batch).backward()
+    twin.zero_grad()
+    trainer.compute_loss(twin, batch).backward()
+    grads = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    twin_grads = {k: p.grad for k, p in twin.named_parameters() if p.requires_grad}
+    assert grads.keys() == twin_grads.keys() and grads
+    for key in grads:
+        torch.testing.assert_close(grads[key], twin_grads[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+def test_gradient_accumulation_equals_larger_batch(tiny_model_path, tmp_path):
+    big = _trainer(tiny_model_path, tmp_path / "big", max_steps=2, per_device_train_batch_size=4)
+    big.train()
+    small = _trainer(tiny_model_path, tmp_path / "small", max_steps=2, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=2)
+    small.train()
+    a, b = lora_state(big.model), lora_state(small.model)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=1e-5, msg=key)
+    # metrics averaged over micro-batches weight every pair equally: the first logged step agrees
+    first_big = next(h for h in big.state.log_history if "loss" in h)
+    first_small = next(h for h in small.state.log_history if "loss" in h)
+    for key in ("loss", *METRIC_NAMES):
+        assert first_big[key] == pytest.approx(first_small[key], rel=1e-4, abs=1e-6), key
+
+
+def test_gradient_checkpointing_gives_same_training(tiny_model_path, tmp_path):
+    plain = _trainer(tiny_model_path, tmp_path / "a", max_steps=2)
+    plain.train()
+    torch.manual_seed(0)
+    ckpt_loaded = load_model(model_args(str(tiny_model_path)), use_cpu=True, gradient_checkpointing=True)
+    ckpt = _trainer(tiny_model_path, tmp_path / "b", loaded=ckpt_loaded, max_steps=2, gradient_checkpointing=True)
+    ckpt.train()
+    a, b = lora_state(plain.model), lora_state(ckpt.model)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-6, rtol=1e-5, msg=key)
+
+
+def test_checkpoints_hold_only_the_adapter_and_resume_exactly(tiny_model_path, tmp_path):
+    straight = _trainer(tiny_model_path, tmp_path / "straight", max_steps=4, save_strategy="steps", save_steps=2)
+    straight.train()
+
+    ckpt = tmp_path / "straight" / "checkpoint-2"
+    files = {p.name for p in ckpt.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md"} <= files
+    assert not any(name.startswith(("model", "pytorch_model")) for name in files)
+
+    resumed = _trainer(tiny_model_path, tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    a, b = lora_state(straight.model), lora_state(resumed.model)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    losses = [h["loss"] for h in straight.state.log_history if "loss" in h]
+    resumed_losses = [h["loss"] for h in resumed.state.log_history if "loss" in h]
+    assert resumed_losses == losses[-len(resumed_losses):]
+
+
+def test_precomputed_reference_is_cached_and_skips_the_reference_forward(tiny_model_path, tmp_path):
+    live = _trainer(tiny_model_path, tmp_path / "live")
+    batch = _batch(live)
+    live.model.train()
+    live_ref = live.reference_logps(live.model, batch)
+
+    pre = _trainer(tiny_model_path, tmp_path / "pre", precompute_ref_log_probs=True)
+    assert "ref_logps" in pre.train_dataset.column_names
+    pre_batch = _batch(pre)
+    torch.testing.assert_close(pre_batch["ref_logps"], live_ref, atol=1e-5, rtol=0)
+
+    calls = []
+    handle = pre.model.get_base_model().register_forward_hook(lambda *a: calls.append(1))
+    pre.model.train()
+    assert pre.compute_loss(pre.model, pre_batch).item() == pytest.approx(LN2, abs=1e-5)
+    assert len(calls) == 1  # the policy forward only
+    handle.remove()
+
+    import hf_dpo.reference_cache as cache
+
+    computed = []
+    original = cache._compute_rows
+    cache._compute_rows = lambda *a, **k: computed.append(1) or original(*a, **k)
+    try:
+        again = _trainer(tiny_model_path, tmp_path / "again", precompute_ref_log_probs=True)
+    finally:
+        cache._compute_rows = original
+    assert computed == []  # served from the on-disk cache
+    assert again.train_dataset["ref_logps"] == pre.train_dataset["ref_logps"]
+
+
+def test_final_save_and_logged_metric_names(tiny_model_path, tmp_path):
+    trainer = _trainer(tiny_model_path, tmp_path, max_steps=2)
+    trainer.train()
+    trainer.evaluate()
+    trainer.save_model()
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md"} <= names
+    assert "model.safetensors" not in names
+    logged = {k for h in trainer.state.log_history for k in h}
+    assert set(METRIC_NAMES) <= logged
+    assert {f"eval_{k}" for k in METRIC_NAMES} <= logged
+    run_info = json.loads((tmp_path / "hf_dpo_run.json").read_text())
+    assert run_info["training"]["loss_type"] == "sigmoid"
+
+
+def test_nonfinite_loss_stops_with_step_and_rows(tiny_model_path, tmp_path):
+    trainer = _trainer(tiny_model_path, tmp_path, max_steps=2, learning_rate=float("inf"))
+    with pytest.raises(NonFiniteLossError, match=r"step \d+, data rows \(line numbers\) \[\d+"):
+        trainer.train()
+
+
+def test_nonfinite_batches_can_be_skipped(tiny_model_path, tmp_path):
+    trainer = _trainer(tiny_model_path, tmp_path, max_steps=3, learning_rate=float("inf"), nonfinite_action="skip")
+    trainer.train()
+    assert trainer.nonfinite_skipped >= 1
+    assert any(h.get("nonfinite_batches_skipped", 0) >= 1 for h in trainer.state.log_history)
