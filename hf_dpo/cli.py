@@ -38,9 +38,14 @@ def cmd_push(args: argparse.Namespace) -> int:
         print(f"error: {output_dir} holds no adapter_config.json: not a finished hf_dpo run", file=sys.stderr)
         return 2
     try:
-        url = publish(output_dir, args.repo_id, token=args.token, private=args.private, revision=args.revision)
+        url = publish(
+            output_dir, args.repo_id, token=args.token, private=args.private, revision=args.revision
+        )
     except HubPushError as err:
-        print(f"error: push failed: {err}\nretry with: {retry_command(output_dir, args.repo_id)}", file=sys.stderr)
+        print(
+            f"error: push failed: {err}\nretry with: {retry_command(output_dir, args.repo_id)}",
+            file=sys.stderr,
+        )
         return 4
     print(f"pushed {output_dir} to {url}")
     return 0
@@ -65,9 +70,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_name), dtype=dtype)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.save_pretrained(args.out)
-    load_tokenizer(str(adapter_dir) if (adapter_dir / "tokenizer_config.json").exists() else base_name).save_pretrained(
-        args.out
-    )
+    load_tokenizer(
+        str(adapter_dir) if (adapter_dir / "tokenizer_config.json").exists() else base_name
+    ).save_pretrained(args.out)
     print(f"merged model saved in {args.out}")
     return 0
 
@@ -85,8 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hf_dpo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("train", help="run the QLoRA DPO recipe: hf-dpo train [config.yaml] [--flags]", add_help=False)
-    sub.add_parser("eval", help="evaluate an adapter: hf-dpo eval ADAPTER_DIR [--dataset_name ...]", add_help=False)
+    sub.add_parser(
+        "train", help="run the QLoRA DPO recipe: hf-dpo train [config.yaml] [--flags]", add_help=False
+    )
+    sub.add_parser(
+        "eval", help="evaluate an adapter: hf-dpo eval ADAPTER_DIR [--dataset_name ...]", add_help=False
+    )
     push = sub.add_parser("push", help="publish a finished run to the Hub")
     push.add_argument("output_dir")
     push.add_argument("--repo-id", required=True, help="namespace/name on the Hub")

@@ -35,7 +35,9 @@ class ModelArguments:
             "policy, instead of the bare base model."
         },
     )
-    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."})
+    model_revision: str = field(
+        default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."}
+    )
     load_in_4bit: bool = field(
         default=True, metadata={"help": "Quantise the base model to 4 bits with bitsandbytes (QLoRA)."}
     )
@@ -47,25 +49,34 @@ class ModelArguments:
     )
     bnb_4bit_compute_dtype: str = field(
         default="auto",
-        metadata={"help": "dtype of 4-bit matmuls: bfloat16, float16, float32, or auto (bf16 on GPUs that have it, "
-                  "else fp32)."},
+        metadata={
+            "help": "dtype of 4-bit matmuls: bfloat16, float16, float32, or auto (bf16 on GPUs that have it, "
+            "else fp32)."
+        },
     )
     use_bnb_nested_quant: bool = field(
         default=False, metadata={"help": "Also quantise the quantisation constants (saves ~0.4 bit/param)."}
     )
     torch_dtype: str = field(
         default="auto",
-        metadata={"help": "dtype of the non-quantised weights: auto (the compute dtype), bfloat16, float16, float32."},
+        metadata={
+            "help": "dtype of the non-quantised weights: auto (the compute dtype), bfloat16, float16, float32."
+        },
     )
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention kernel: eager, sdpa, flash_attention_2; default: the model's."}
+        default=None,
+        metadata={"help": "Attention kernel: eager, sdpa, flash_attention_2; default: the model's."},
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank: higher adapts more, costs more memory."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input (0 with disable_dropout)."})
+    lora_dropout: float = field(
+        default=0.05, metadata={"help": "Dropout on the LoRA input (0 with disable_dropout)."}
+    )
     lora_target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Module names to adapt; default: all linear layers except the LM head ('all-linear')."},
+        metadata={
+            "help": "Module names to adapt; default: all linear layers except the LM head ('all-linear')."
+        },
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run model code from the Hub repo. Off unless you trust the repo."}
@@ -78,25 +89,33 @@ class DataArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "A datasets id, a local file (.jsonl/.json/.parquet/.csv) or folder; default: the bundled "
-                  "data/dpo_data.jsonl."},
+        metadata={
+            "help": "A datasets id, a local file (.jsonl/.json/.parquet/.csv) or folder; default: the bundled "
+            "data/dpo_data.jsonl."
+        },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "The datasets config (subset) name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str | None = field(default=None, metadata={"help": "Split to evaluate on, if any."})
     dataset_test_size: float | None = field(
         default=None,
-        metadata={"help": "Hold out this fraction (< 1) or count (>= 1) of the train split for evaluation, fixed seed."},
+        metadata={
+            "help": "Hold out this fraction (< 1) or count (>= 1) of the train split for evaluation, fixed seed."
+        },
     )
     prompt_field: str = field(default="prompt", metadata={"help": "Column holding the prompt."})
     chosen_field: str | None = field(
         default=None, metadata={"help": "Column holding the preferred text; default 'chosen' or 'chose'."}
     )
-    rejected_field: str = field(default="rejected", metadata={"help": "Column holding the dispreferred text."})
+    rejected_field: str = field(
+        default="rejected", metadata={"help": "Column holding the dispreferred text."}
+    )
     ranked_mode: str = field(
         default="plackett_luce",
-        metadata={"help": "Ranked rows (prompt, responses[K]): keep K-way for plackett_luce, or 'pairs' to expand "
-                  "into all ordered pairs."},
+        metadata={
+            "help": "Ranked rows (prompt, responses[K]): keep K-way for plackett_luce, or 'pairs' to expand "
+            "into all ordered pairs."
+        },
     )
 
 
@@ -113,7 +132,9 @@ class DPOConfig(TrainingArguments):
     )
     label_smoothing: float = field(
         default=0.0,
-        metadata={"help": "Assumed label-noise rate eps for sigmoid (cDPO) and robust losses; 0 is plain DPO."},
+        metadata={
+            "help": "Assumed label-noise rate eps for sigmoid (cDPO) and robust losses; 0 is plain DPO."
+        },
     )
     reference_free: bool = field(
         default=False, metadata={"help": "Take the reference log-probs as 0 (no reference model)."}
@@ -126,12 +147,15 @@ class DPOConfig(TrainingArguments):
         default=1024, metadata={"help": "Max tokens of prompt + completion; longer rows are truncated."}
     )
     max_prompt_length: int | None = field(
-        default=512, metadata={"help": "When a row is too long, the prompt is first cut from the left to this."}
+        default=512,
+        metadata={"help": "When a row is too long, the prompt is first cut from the left to this."},
     )
     precompute_ref_log_probs: bool = field(
         default=False,
-        metadata={"help": "Compute reference log-probs once before training (cached on disk); steps then run no "
-                  "reference forward."},
+        metadata={
+            "help": "Compute reference log-probs once before training (cached on disk); steps then run no "
+            "reference forward."
+        },
     )
     padding_free: bool = field(
         default=False,
@@ -146,16 +170,21 @@ class DPOConfig(TrainingArguments):
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     logp_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Positions per chunk of the LM head + log-softmax; lower saves memory. Default: 64 MiB "
-                  "of fp32 per chunk."},
+        metadata={
+            "help": "Positions per chunk of the LM head + log-softmax; lower saves memory. Default: 64 MiB "
+            "of fp32 per chunk."
+        },
     )
     nonfinite_action: str = field(
         default="stop",
-        metadata={"help": "On a non-finite loss or gradient: 'stop' the run (keeping the last checkpoint) or 'skip' "
-                  "the batch (counted in the logs)."},
+        metadata={
+            "help": "On a non-finite loss or gradient: 'stop' the run (keeping the last checkpoint) or 'skip' "
+            "the batch (counted in the logs)."
+        },
     )
     model_card_template: str | None = field(
-        default=None, metadata={"help": "Path to your own model card template; default: model_card_template.md."}
+        default=None,
+        metadata={"help": "Path to your own model card template; default: model_card_template.md."},
     )
     # Defaults that differ from TrainingArguments: our batches carry columns the model does not know.
     remove_unused_columns: bool = field(
@@ -175,8 +204,10 @@ class DPOConfig(TrainingArguments):
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.nonfinite_action not in ("stop", "skip"):
             raise ValueError(f"nonfinite_action must be 'stop' or 'skip', got {self.nonfinite_action!r}")
-        if self.max_length is not None and self.max_prompt_length is not None and (
-            self.max_prompt_length >= self.max_length
+        if (
+            self.max_length is not None
+            and self.max_prompt_length is not None
+            and (self.max_prompt_length >= self.max_length)
         ):
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"

@@ -23,8 +23,11 @@ def evaluate_cli(argv: list[str]) -> int:
     from .trainer import DPOTrainer
 
     if not argv or argv[0].startswith("-"):
-        print("usage: hf-dpo eval ADAPTER_DIR [--dataset_name D] [--dataset_test_split S] [--output_dir O] "
-              "[--per_device_eval_batch_size N] [DPOConfig flags]", file=sys.stderr)
+        print(
+            "usage: hf-dpo eval ADAPTER_DIR [--dataset_name D] [--dataset_test_split S] [--output_dir O] "
+            "[--per_device_eval_batch_size N] [DPOConfig flags]",
+            file=sys.stderr,
+        )
         return 2
     adapter_dir = Path(argv[0])
     config_file = adapter_dir / "adapter_config.json"
@@ -59,8 +62,9 @@ def evaluate_cli(argv: list[str]) -> int:
     except PreferenceDataError as err:
         print(f"error: bad preference data: {err}", file=sys.stderr)
         return 2
-    trainer = DPOTrainer(model=loaded.model, args=args, eval_dataset=splits["train"],
-                         processing_class=loaded.tokenizer)
+    trainer = DPOTrainer(
+        model=loaded.model, args=args, eval_dataset=splits["train"], processing_class=loaded.tokenizer
+    )
     metrics = trainer.evaluate()
     print(json.dumps(metrics, indent=2))
     if write_to:

@@ -67,7 +67,11 @@ def sigmoid_loss(
     Worked values (beta = 0.1): h = 0 -> ln 2 = 0.693147; h = 10 -> 0.313262; h = -10 -> 1.313262.
     """
     h, chosen_log_ratio, rejected_log_ratio = _log_ratio_difference(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        reference_free,
     )
     # Eq. 7: L_DPO = -E[log s(beta * h)]; cDPO mixes in the flipped label with weight eps.
     losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
@@ -88,7 +92,11 @@ def ipo_loss(
     Shapes: four (B,) inputs -> three (B,) outputs. Worked value: beta = 0.5, h = 0 -> (0 - 1)^2 = 1.
     """
     h, chosen_log_ratio, rejected_log_ratio = _log_ratio_difference(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        reference_free,
     )
     losses = (h - 1 / (2 * beta)) ** 2
     return (losses, *_rewards(beta, chosen_log_ratio, rejected_log_ratio))
@@ -109,7 +117,11 @@ def hinge_loss(
     h = 20 -> 0.
     """
     h, chosen_log_ratio, rejected_log_ratio = _log_ratio_difference(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        reference_free,
     )
     losses = torch.relu(1 - beta * h)
     return (losses, *_rewards(beta, chosen_log_ratio, rejected_log_ratio))
@@ -132,7 +144,11 @@ def robust_loss(
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"robust loss needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
     h, chosen_log_ratio, rejected_log_ratio = _log_ratio_difference(
-        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, reference_free
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        reference_free,
     )
     eps = label_smoothing
     losses = ((1 - eps) * -F.logsigmoid(beta * h) - eps * -F.logsigmoid(-beta * h)) / (1 - 2 * eps)

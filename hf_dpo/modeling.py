@@ -32,8 +32,14 @@ class LoadedModel:
 def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
     if name in (None, "auto"):
         return default
-    dtypes = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-              "float32": torch.float32, "fp32": torch.float32}
+    dtypes = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+    }
     if name not in dtypes:
         raise ValueError(f"unknown dtype {name!r}; choose one of auto, bfloat16, float16, float32")
     return dtypes[name]
@@ -57,8 +63,14 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     return tokenizer
 
 
-def load_model(model_args: ModelArguments, *, use_cpu: bool = False, gradient_checkpointing: bool = False,
-               gradient_checkpointing_kwargs: dict | None = None, adapter_is_reference: bool = True) -> LoadedModel:
+def load_model(
+    model_args: ModelArguments,
+    *,
+    use_cpu: bool = False,
+    gradient_checkpointing: bool = False,
+    gradient_checkpointing_kwargs: dict | None = None,
+    adapter_is_reference: bool = True,
+) -> LoadedModel:
     """Load the base model, prepare it for k-bit training and attach (or continue) a LoRA adapter.
 
     With `adapter_name_or_path`, the loaded adapter is trained further and (if `adapter_is_reference`) a frozen
@@ -123,7 +135,9 @@ def load_model(model_args: ModelArguments, *, use_cpu: bool = False, gradient_ch
         # Continue training the given adapter; a second, frozen copy of it is the reference policy.
         model = PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
         if adapter_is_reference:
-            model.load_adapter(model_args.adapter_name_or_path, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            model.load_adapter(
+                model_args.adapter_name_or_path, adapter_name=REFERENCE_ADAPTER, is_trainable=False
+            )
             has_reference_adapter = True
     else:
         lora_config = LoraConfig(
@@ -145,8 +159,14 @@ def load_model(model_args: ModelArguments, *, use_cpu: bool = False, gradient_ch
     total = sum(p.numel() for p in model.parameters())
     logger.info(
         "hf_dpo model: %s on %s, quantization %s, LoRA trainable %d of %d params, reference: %s",
-        model_args.model_name_or_path, device, quantization, trainable, total,
-        "frozen copy of the loaded adapter" if has_reference_adapter else "base model with the adapter disabled",
+        model_args.model_name_or_path,
+        device,
+        quantization,
+        trainable,
+        total,
+        "frozen copy of the loaded adapter"
+        if has_reference_adapter
+        else "base model with the adapter disabled",
     )
     return LoadedModel(model, tokenizer, model_args.model_name_or_path, quantization, has_reference_adapter)
 
@@ -210,18 +230,27 @@ def reference_policy(model: nn.Module) -> Iterator[None]:
         with peft_model.disable_adapter():
             yield
     else:
-        raise ValueError("the model has no LoRA adapter to disable: pass a ref_model or precompute reference log-probs")
+        raise ValueError(
+            "the model has no LoRA adapter to disable: pass a ref_model or precompute reference log-probs"
+        )
 
 
 # Model configs whose logits are post-processed after the LM head: the fused head would skip that.
-_LOGIT_POSTPROCESSING_ATTRS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_LOGIT_POSTPROCESSING_ATTRS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+)
 
 
 def fusable_lm_head(model: nn.Module) -> nn.Linear | None:
     """The plain Linear LM head whose input the trainer may take instead of the logits, or None."""
     inner = unwrap(model)
     config = getattr(inner, "config", None)
-    if config is not None and any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_POSTPROCESSING_ATTRS):
+    if config is not None and any(
+        getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_POSTPROCESSING_ATTRS
+    ):
         return None
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if type(head) is not nn.Linear:  # a LoRA-wrapped or quantised head: use real logits

@@ -93,8 +93,15 @@ def retry_command(output_dir: str | os.PathLike, repo_id: str) -> str:
     return f"hf-dpo push {output_dir} --repo-id {repo_id}"
 
 
-def publish(output_dir: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool | None = None,
-            revision: str | None = None, commit_message: str | None = None) -> str:
+def publish(
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+) -> str:
     """Push a finished run's adapter, tokenizer, card and results; raises hub.HubPushError on failure."""
     from .hub import push_output_dir
 
@@ -123,8 +130,14 @@ class HubStrategyCallback(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         folder = checkpoint if checkpoint.is_dir() else Path(args.output_dir)
         try:
-            publish(folder, self.repo_id, token=self.trainer.hub_token, private=args.hub_private_repo,
-                    revision=args.hub_revision, commit_message=f"Training in progress, step {state.global_step}")
+            publish(
+                folder,
+                self.repo_id,
+                token=self.trainer.hub_token,
+                private=args.hub_private_repo,
+                revision=args.hub_revision,
+                commit_message=f"Training in progress, step {state.global_step}",
+            )
         except HubPushError as err:
             logger.warning("push at step %d failed: %s", state.global_step, err)
             self.failures.append(str(err))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
 from collections import defaultdict
 
 import torch
@@ -41,6 +43,9 @@ METRIC_NAMES = (
     "logits/chosen",
     "logits/rejected",
 )
+
+
+CHECKPOINT_COMPLETE = "hf_dpo_checkpoint_complete"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,7 +86,9 @@ class DPOTrainer(Trainer):
         self.hub_token = args.hub_token
         self.push_requested = args.push_to_hub
         args.hub_token = None
-        args.push_to_hub = False  # hf_dpo publishes itself (hf_dpo.publish), so a Hub outage cannot stop a run
+        args.push_to_hub = (
+            False  # hf_dpo publishes itself (hf_dpo.publish), so a Hub outage cannot stop a run
+        )
 
         if args.disable_dropout:
             disable_dropout(model)
@@ -117,7 +124,10 @@ class DPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         if self.ref_model is not None:
             self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
-        self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._metric_sums: dict[str, dict[str, torch.Tensor]] = {
+            "train": defaultdict(float),
+            "eval": defaultdict(float),
+        }
         self.nonfinite_skipped = 0
 
         if args.precompute_ref_log_probs and not args.reference_free:
@@ -161,7 +171,9 @@ class DPOTrainer(Trainer):
         if self.args.padding_free:
             forward_kwargs["position_ids"] = position_ids
             for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
-                if key in inputs and "flash" in str(getattr(getattr(model, "config", None), "_attn_implementation", "")):
+                if key in inputs and "flash" in str(
+                    getattr(getattr(model, "config", None), "_attn_implementation", "")
+                ):
                     forward_kwargs[key] = inputs[key]
         else:
             forward_kwargs["attention_mask"] = inputs["attention_mask"]
@@ -289,7 +301,9 @@ class DPOTrainer(Trainer):
     # ---------------------------------------------------------------- faults
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad):
+        if not all(
+            p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
+        ):
             self._handle_nonfinite("gradient", inputs, None)
             model.zero_grad(set_to_none=True)
         return loss
@@ -300,20 +314,74 @@ class DPOTrainer(Trainer):
         where = f"step {self.state.global_step + 1}, data rows (line numbers) {rows}"
         if self.args.nonfinite_action == "skip":
             self.nonfinite_skipped += 1
-            logger.warning("non-finite %s at %s: batch skipped (%d so far)", what, where, self.nonfinite_skipped)
+            logger.warning(
+                "non-finite %s at %s: batch skipped (%d so far)", what, where, self.nonfinite_skipped
+            )
             return None if loss is None else torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
         raise NonFiniteLossError(
             f"non-finite {what} at {where}. The run stopped; checkpoints saved so far are kept. "
             "Check those rows, lower the learning rate, or set nonfinite_action=skip to skip such batches."
         )
 
-    # ---------------------------------------------------------------- saving
+    # ---------------------------------------------------------------- saving and resuming
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            # Written last: a checkpoint without it was cut short and is never resumed from.
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            if os.path.isdir(folder):
+                mark_checkpoint_complete(folder)
+
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         super()._save(output_dir, state_dict)
         if self.args.should_save:
             from .publish import write_run_card
 
             write_run_card(self, output_dir or self.args.output_dir)
+
+
+def mark_checkpoint_complete(folder: str) -> None:
+    path = os.path.join(folder, CHECKPOINT_COMPLETE)
+    with open(path + ".tmp", "w") as handle:
+        handle.write("complete\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N in output_dir whose save finished (half-written ones are skipped)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_COMPLETE)):
+            steps.append(int(match.group(1)))
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def resolve_resume_checkpoint(resume, output_dir: str):
+    """True / "true" / "last" -> the last complete checkpoint; a path -> itself, if complete; else None."""
+    if resume in (None, False, "", "false", "False", "no"):
+        return None
+    if resume is True or str(resume).lower() in ("true", "last", "auto"):
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            raise ValueError(f"resume_from_checkpoint: no complete checkpoint in {output_dir}")
+        logger.info("resuming from %s", found)
+        return found
+    if not os.path.isfile(os.path.join(resume, CHECKPOINT_COMPLETE)):
+        latest = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume)))
+        raise ValueError(
+            f"resume_from_checkpoint: {resume} is not a complete hf_dpo checkpoint (its save was cut short or it "
+            f"is not a checkpoint); the last complete one is {latest}"
+        )
+    return resume
 
 
 def _by_row(per_sequence: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     hub_callback = None
     if trainer.push_requested and training_args.hub_strategy != "end":
-        hub_callback = HubStrategyCallback(trainer, hub_repo_id(training_args), str(training_args.hub_strategy))
+        hub_callback = HubStrategyCallback(
+            trainer, hub_repo_id(training_args), str(training_args.hub_strategy)
+        )
         trainer.add_callback(hub_callback)
 
     # 5. Train (resuming if asked), then save the metrics.
@@ -107,16 +109,27 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.push_requested and training_args.should_save:
         repo_id = hub_repo_id(training_args)
         try:
-            url = publish(training_args.output_dir, repo_id, token=trainer.hub_token,
-                          private=training_args.hub_private_repo, revision=training_args.hub_revision)
+            url = publish(
+                training_args.output_dir,
+                repo_id,
+                token=trainer.hub_token,
+                private=training_args.hub_private_repo,
+                revision=training_args.hub_revision,
+            )
             logger.info("pushed to %s", url)
         except HubPushError as err:
-            print(f"error: the push to the Hub failed: {err}\nEverything is saved in {training_args.output_dir}; "
-                  f"retry with: {retry_command(training_args.output_dir, repo_id)}", file=sys.stderr)
+            print(
+                f"error: the push to the Hub failed: {err}\nEverything is saved in {training_args.output_dir}; "
+                f"retry with: {retry_command(training_args.output_dir, repo_id)}",
+                file=sys.stderr,
+            )
             return 4
         if hub_callback is not None and hub_callback.failures:
-            print(f"warning: {len(hub_callback.failures)} push(es) during training failed; the final push "
-                  "succeeded.", file=sys.stderr)
+            print(
+                f"warning: {len(hub_callback.failures)} push(es) during training failed; the final push "
+                "succeeded.",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -130,7 +143,8 @@ def run_info(model_args: ModelArguments, loaded, dataset_name: str) -> dict:
         "lora_alpha": model_args.lora_alpha,
         "lora_dropout": model_args.lora_dropout,
         "lora_target_modules": ",".join(model_args.lora_target_modules or ["all-linear"]),
-        "reference": "the loaded adapter, frozen" if loaded.has_reference_adapter
+        "reference": "the loaded adapter, frozen"
+        if loaded.has_reference_adapter
         else "base model with the LoRA adapter disabled",
     }
 
@@ -140,8 +154,11 @@ def hub_repo_id(training_args: DPOConfig) -> str:
 
 
 def setup_logging(training_args: DPOConfig) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(sys.stdout)])
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
     level = training_args.get_process_log_level()
     logging.getLogger("hf_dpo").setLevel(level)
     datasets.utils.logging.set_verbosity(level)

@@ -69,7 +69,9 @@ def test_shift_hand_value():
 def test_matches_loop_in_chunks(reduction, chunk_size):
     logits, ids, mask = _batch()
     out = sequence_logps(logits, ids, mask, reduction=reduction, chunk_size=chunk_size)
-    torch.testing.assert_close(out.logps.double(), loop_reference(logits, ids, mask, reduction), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        out.logps.double(), loop_reference(logits, ids, mask, reduction), atol=1e-6, rtol=0
+    )
 
 
 def test_seed_sketch_bug_is_caught():

@@ -127,9 +127,7 @@ def test_plackett_luce_matches_loop_and_is_stable():
     ref = torch.randn(4, 5, dtype=torch.float64)
     loss, _ = plackett_luce_loss(pol, ref, beta=0.5)
     s = 0.5 * (pol - ref)
-    expected = torch.stack(
-        [-sum(s[b, k] - torch.logsumexp(s[b, k:], 0) for k in range(5)) for b in range(4)]
-    )
+    expected = torch.stack([-sum(s[b, k] - torch.logsumexp(s[b, k:], 0) for k in range(5)) for b in range(4)])
     torch.testing.assert_close(loss, expected)
     assert torch.isfinite(loss).all()
 

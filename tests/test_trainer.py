@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trainer_helpers import (
     base_state,
     dequantized_twin,
@@ -17,6 +16,7 @@ from trainer_helpers import (
     model_args,
     tokenised_rows,
 )
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from hf_dpo.collator import PreferenceCollator
 from hf_dpo.modeling import guard_cpu_4bit_repacking, load_model
@@ -36,8 +36,14 @@ def _trainer(path, out, dataset=None, loaded=None, **config):
     loaded = loaded or load(path)
     dataset = dataset if dataset is not None else tokenised_rows(loaded.tokenizer)
     args = dpo_config(out, **config)
-    return DPOTrainer(model=loaded.model, args=args, train_dataset=dataset, eval_dataset=dataset,
-                      processing_class=loaded.tokenizer, run_info={"base_model": "tiny"})
+    return DPOTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=loaded.tokenizer,
+        run_info={"base_model": "tiny"},
+    )
 
 
 def _batch(trainer, n=4):
@@ -79,9 +85,11 @@ def test_reference_equals_base_model_without_adapter_before_and_after_training(t
 
     plain = AutoModelForCausalLM.from_pretrained(
         tiny_model_path,
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_compute_dtype=torch.float32),
-        dtype=torch.float32, device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        ),
+        dtype=torch.float32,
+        device_map={"": "cpu"},
     )
     guard_cpu_4bit_repacking(plain)
     plain.train()
@@ -114,9 +122,11 @@ def test_continued_adapter_is_the_reference(tiny_model_path, tmp_path):
     fresh = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(
             tiny_model_path,
-            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                   bnb_4bit_compute_dtype=torch.float32),
-            dtype=torch.float32, device_map={"": "cpu"},
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+            ),
+            dtype=torch.float32,
+            device_map={"": "cpu"},
         ),
         str(tmp_path / "sft"),
     )
@@ -174,8 +184,13 @@ def test_lora_gradients_match_dequantized_twin_after_eval_passes(tiny_model_path
 def test_gradient_accumulation_equals_larger_batch(tiny_model_path, tmp_path):
     big = _trainer(tiny_model_path, tmp_path / "big", max_steps=2, per_device_train_batch_size=4)
     big.train()
-    small = _trainer(tiny_model_path, tmp_path / "small", max_steps=2, per_device_train_batch_size=2,
-                     gradient_accumulation_steps=2)
+    small = _trainer(
+        tiny_model_path,
+        tmp_path / "small",
+        max_steps=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )
     small.train()
     a, b = lora_state(big.model), lora_state(small.model)
     for key in a:
@@ -192,7 +207,9 @@ def test_gradient_checkpointing_gives_same_training(tiny_model_path, tmp_path):
     plain.train()
     torch.manual_seed(0)
     ckpt_loaded = load_model(model_args(str(tiny_model_path)), use_cpu=True, gradient_checkpointing=True)
-    ckpt = _trainer(tiny_model_path, tmp_path / "b", loaded=ckpt_loaded, max_steps=2, gradient_checkpointing=True)
+    ckpt = _trainer(
+        tiny_model_path, tmp_path / "b", loaded=ckpt_loaded, max_steps=2, gradient_checkpointing=True
+    )
     ckpt.train()
     a, b = lora_state(plain.model), lora_state(ckpt.model)
     for key in a:
@@ -200,7 +217,9 @@ def test_gradient_checkpointing_gives_same_training(tiny_model_path, tmp_path):
 
 
 def test_checkpoints_hold_only_the_adapter_and_resume_exactly(tiny_model_path, tmp_path):
-    straight = _trainer(tiny_model_path, tmp_path / "straight", max_steps=4, save_strategy="steps", save_steps=2)
+    straight = _trainer(
+        tiny_model_path, tmp_path / "straight", max_steps=4, save_strategy="steps", save_steps=2
+    )
     straight.train()
 
     ckpt = tmp_path / "straight" / "checkpoint-2"
@@ -208,14 +227,16 @@ def test_checkpoints_hold_only_the_adapter_and_resume_exactly(tiny_model_path, t
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md"} <= files
     assert not any(name.startswith(("model", "pytorch_model")) for name in files)
 
-    resumed = _trainer(tiny_model_path, tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2)
+    resumed = _trainer(
+        tiny_model_path, tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2
+    )
     resumed.train(resume_from_checkpoint=str(ckpt))
     a, b = lora_state(straight.model), lora_state(resumed.model)
     for key in a:
         assert torch.equal(a[key], b[key]), key
     losses = [h["loss"] for h in straight.state.log_history if "loss" in h]
     resumed_losses = [h["loss"] for h in resumed.state.log_history if "loss" in h]
-    assert resumed_losses == losses[-len(resumed_losses):]
+    assert resumed_losses == losses[-len(resumed_losses) :]
 
 
 def test_precomputed_reference_is_cached_and_skips_the_reference_forward(tiny_model_path, tmp_path):
@@ -271,7 +292,40 @@ def test_nonfinite_loss_stops_with_step_and_rows(tiny_model_path, tmp_path):
 
 
 def test_nonfinite_batches_can_be_skipped(tiny_model_path, tmp_path):
-    trainer = _trainer(tiny_model_path, tmp_path, max_steps=3, learning_rate=float("inf"), nonfinite_action="skip")
+    trainer = _trainer(
+        tiny_model_path, tmp_path, max_steps=3, learning_rate=float("inf"), nonfinite_action="skip"
+    )
     trainer.train()
     assert trainer.nonfinite_skipped >= 1
     assert any(h.get("nonfinite_batches_skipped", 0) >= 1 for h in trainer.state.log_history)
+
+
+def test_checkpoint_cut_short_is_never_resumed(tiny_model_path, tmp_path):
+    """The save of checkpoint-4 fails after the adapter is written: resume picks checkpoint-2, refuses 4, and
+    the resumed run ends where an uninterrupted one does."""
+    from hf_dpo.trainer import resolve_resume_checkpoint
+
+    out = tmp_path / "run"
+    trainer = _trainer(tiny_model_path, out, max_steps=6, save_strategy="steps", save_steps=2)
+    original = trainer._save_rng_state
+
+    def failing_rng_save(output_dir):
+        if output_dir.endswith("checkpoint-4"):
+            raise OSError("disk full (simulated)")
+        return original(output_dir)
+
+    trainer._save_rng_state = failing_rng_save
+    with pytest.raises(OSError, match="simulated"):
+        trainer.train()
+    assert (out / "checkpoint-4" / "adapter_model.safetensors").exists()  # half written
+    assert resolve_resume_checkpoint(True, str(out)) == str(out / "checkpoint-2")
+    with pytest.raises(ValueError, match="not a complete"):
+        resolve_resume_checkpoint(str(out / "checkpoint-4"), str(out))
+
+    resumed = _trainer(tiny_model_path, out, max_steps=6, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=True)
+    straight = _trainer(tiny_model_path, tmp_path / "straight", max_steps=6)
+    straight.train()
+    a, b = lora_state(straight.model), lora_state(resumed.model)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

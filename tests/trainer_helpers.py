@@ -20,7 +20,11 @@ def tokenised_rows(tokenizer, n: int = 16) -> Dataset:
         rejected = tokenizer(" I do not know" + " really" * (i % 4) + ".", add_special_tokens=False).input_ids
         eos = [tokenizer.eos_token_id]
         rows.append(
-            {"prompt_input_ids": prompt, "completion_input_ids": [chosen + eos, rejected + eos], "source_line": i + 1}
+            {
+                "prompt_input_ids": prompt,
+                "completion_input_ids": [chosen + eos, rejected + eos],
+                "source_line": i + 1,
+            }
         )
     return Dataset.from_list(rows)
 
@@ -66,7 +70,7 @@ def dequantized_twin(peft_model):
     from bitsandbytes.functional import dequantize_4bit
 
     twin = copy.deepcopy(peft_model)
-    for name, module in list(twin.named_modules()):
+    for _name, module in list(twin.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, bnb.nn.Linear4bit):
                 weight = dequantize_4bit(child.weight.data, child.weight.quant_state).float()
