@@ -31,7 +31,7 @@ def cmd_train(rest: list[str]) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import HubPushError
-    from .publish import publish, retry_command
+    from .publish import publish
 
     output_dir = Path(args.output_dir)
     if not (output_dir / "adapter_config.json").is_file():
@@ -42,10 +42,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             output_dir, args.repo_id, token=args.token, private=args.private, revision=args.revision
         )
     except HubPushError as err:
-        print(
-            f"error: push failed: {err}\nretry with: {retry_command(output_dir, args.repo_id)}",
-            file=sys.stderr,
-        )
+        print(f"error: push failed: {err}", file=sys.stderr)  # the message ends with the retry command
         return 4
     print(f"pushed {output_dir} to {url}")
     return 0

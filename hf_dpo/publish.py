@@ -59,10 +59,18 @@ def final_results(log_history: list[dict]) -> dict:
         for key, value in entry.items():
             if key in ("step", "epoch") or not isinstance(value, (int, float)):
                 continue
-            if key.startswith("train_") or key.endswith(("_runtime", "_per_second")):
+            if key.startswith("train_") or key.endswith(("_runtime", "_per_second", "total_flos")):
                 continue
             results[key] = value
     return results
+
+
+def _model_name(model) -> str:
+    from .modeling import unwrap
+
+    model = unwrap(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return str(getattr(getattr(base, "config", None), "_name_or_path", "") or "a causal language model")
 
 
 def write_run_card(trainer, output_dir: str | os.PathLike) -> Path:
@@ -73,7 +81,7 @@ def write_run_card(trainer, output_dir: str | os.PathLike) -> Path:
     curves = plot_training_curves(trainer.state.log_history, output_dir / CURVES_FILE)
     info = trainer.run_info
     card_inputs = {
-        "base_model": info.get("base_model", "unknown"),
+        "base_model": info.get("base_model") or _model_name(trainer.model),
         "datasets": list(info.get("datasets", [])),
         "training": training_settings(trainer),
         "results": final_results(trainer.state.log_history),
@@ -85,12 +93,8 @@ def write_run_card(trainer, output_dir: str | os.PathLike) -> Path:
         output_dir,
         **card_inputs,
         template_path=trainer.args.model_card_template,
-        curves_image=str(output_dir / CURVES_FILE) if curves else None,
+        curves_image=CURVES_FILE if curves else None,  # relative to the card
     )
-
-
-def retry_command(output_dir: str | os.PathLike, repo_id: str) -> str:
-    return f"hf-dpo push {output_dir} --repo-id {repo_id}"
 
 
 def publish(

@@ -31,7 +31,7 @@ from hf_dpo.config import DataArguments, DPOConfig, ModelArguments
 from hf_dpo.data import PreferenceDataError, bundled_data_path, load_preference_data
 from hf_dpo.hub import HubPushError
 from hf_dpo.modeling import load_model
-from hf_dpo.publish import HubStrategyCallback, publish, retry_command
+from hf_dpo.publish import HubStrategyCallback, publish
 from hf_dpo.trainer import DPOTrainer, NonFiniteLossError
 from hf_dpo.yaml_args import parse_args
 
@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             logger.info("pushed to %s", url)
         except HubPushError as err:
+            # The message ends with the `hf-dpo push` command that retries.
             print(
-                f"error: the push to the Hub failed: {err}\nEverything is saved in {training_args.output_dir}; "
-                f"retry with: {retry_command(training_args.output_dir, repo_id)}",
+                f"error: the push to the Hub failed: {err}\nEverything is saved in {training_args.output_dir}.",
                 file=sys.stderr,
             )
             return 4

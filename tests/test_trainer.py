@@ -25,13 +25,6 @@ from hf_dpo.trainer import METRIC_NAMES, DPOTrainer, NonFiniteLossError
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_path(tmp_path_factory):
-    from hf_dpo.tiny import ensure_tiny_model
-
-    return str(ensure_tiny_model(tmp_path_factory.mktemp("tiny") / "model"))
-
-
 def _trainer(path, out, dataset=None, loaded=None, **config):
     loaded = loaded or load(path)
     dataset = dataset if dataset is not None else tokenised_rows(loaded.tokenizer)
