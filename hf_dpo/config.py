@@ -212,6 +212,10 @@ class DPOConfig(TrainingArguments):
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
             )
+        if self.padding_free and self.pad_to_multiple_of is not None:
+            raise ValueError(
+                "pad_to_multiple_of has no effect with padding_free=True (nothing is padded); unset one"
+            )
         if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
             # Non-reentrant checkpointing works with frozen 4-bit weights and LoRA.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}

@@ -875,12 +875,10 @@ def _render_conversation(messages_json: str, tokenizer, where: _Where) -> tuple[
     return prompt, completions, add_special_tokens
 
 
-def _truncate_left(ids: list[int], length: int, bos_id: int | None) -> list[int]:
-    """Keep the last `length` tokens; a leading BOS stays in front of them."""
+def _truncate_left(ids: list[int], length: int) -> list[int]:
+    """Keep the last `length` tokens (the contract, as in TRL: a leading BOS goes with the cut)."""
     if len(ids) <= length:
         return ids
-    if bos_id is not None and ids and ids[0] == bos_id and length >= 2:
-        return [bos_id] + ids[len(ids) - (length - 1) :]
     return ids[len(ids) - length :] if length > 0 else []
 
 
@@ -935,7 +933,7 @@ def _tokenize_batch(
         for (i, k, _), ids in zip(fallback, encoded_fb):
             raw_completions[i][k] = ids
 
-    eos_id, bos_id = tokenizer.eos_token_id, tokenizer.bos_token_id
+    eos_id = tokenizer.eos_token_id
     out: dict[str, list] = {name: [] for name in (*TOKENIZED_FEATURES, *_STATUS_FEATURES)}
     for i in range(n):
         p = prompt_ids[i]
@@ -944,7 +942,7 @@ def _tokenize_batch(
         if comps and max_length is not None and len(p) + max(map(len, comps)) > max_length:
             truncated = True
             if max_prompt_length is not None:
-                p = _truncate_left(p, max_prompt_length, bos_id)
+                p = _truncate_left(p, max_prompt_length)
             comps = [c[: max(max_length - len(p), 0)] for c in comps]
         if not comps:
             reason = DROP_NO_COMPLETIONS
@@ -979,7 +977,7 @@ def tokenize_preference_dataset(
     """Tokenise a normalised split into prompt_input_ids, completion_input_ids (K, best first), source_line.
 
     Follows DESIGN.md's tokenisation contract: EOS ends every completion once; over `max_length` the
-    prompt is cut from the left to `max_prompt_length` (a leading BOS is kept), then completions from
+    prompt is cut from the left to its last `max_prompt_length` tokens, then completions from
     the right; rows left with an empty completion are dropped and counted. Uses `Dataset.map`, so a
     file-backed dataset (e.g. from `load_preference_data`) is tokenised once and read from the
     `datasets` cache afterwards. With `return_stats`, also returns a SplitStats.

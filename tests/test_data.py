@@ -535,11 +535,13 @@ def test_chat_template_that_is_not_a_prefix_raises_naming_the_row(tmp_path, tiny
 # Truncation.
 
 
-def test_prompt_cut_from_the_left_keeping_bos_then_completions_from_the_right(tiny_tokenizer):
+def test_prompt_cut_from_the_left_then_completions_from_the_right(tiny_tokenizer):
     prompt = "Question: What is 2+2? Answer:"  # <s> Question : ĠWhat Ġis Ġ2 + 2 ? ĠAnswer : (11 tokens)
     dataset = in_memory([{"prompt": prompt, "completions": [" hola hola", " no"]}])
     row = tokenize_preference_dataset(dataset, tiny_tokenizer, max_length=8, max_prompt_length=5)[0]
-    assert row["prompt_input_ids"] == ids(tiny_tokenizer, ["<s>", "2", "?", "ĠAnswer", ":"])
+    # the last 5 prompt tokens: the BOS at the far left is cut with the rest
+    assert row["prompt_input_ids"] == ids(tiny_tokenizer, ["+", "2", "?", "ĠAnswer", ":"])
+    assert row["prompt_input_ids"] == tiny_tokenizer(prompt).input_ids[-5:]
     full = tokenize_preference_dataset(dataset, tiny_tokenizer, max_length=None)[0]["completion_input_ids"]
     assert full[0] == ids(tiny_tokenizer, ["Ġho", "la", "Ġho", "la", "</s>"])
     assert row["completion_input_ids"] == [full[0][:3], full[1]]  # 8 - 5 = 3 tokens; EOS cut off the first
