@@ -160,3 +160,12 @@ def test_rejects_unknown_reduction():
     logits, ids, mask = _batch()
     with pytest.raises(ValueError, match="logp_reduction"):
         sequence_logps(logits, ids, mask, reduction="avg")
+
+
+def test_sum_and_mean_differ_exactly_by_the_completion_length():
+    logits, ids, mask = _batch(rows=3, length=9, vocab=11, seed=7)
+    total = sequence_logps(logits, ids, mask, reduction="sum")
+    mean = sequence_logps(logits, ids, mask, reduction="mean")
+    lengths = mask[:, 1:].sum(-1).float()
+    torch.testing.assert_close(total.token_counts, lengths)
+    torch.testing.assert_close(mean.logps * lengths, total.logps, atol=1e-5, rtol=0)
