@@ -30,26 +30,29 @@ def cmd_train(rest: list[str]) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import HubPushError
-    from .publish import publish
-
+    """Publish a finished run: exit 0, 2 when there is nothing valid to push, 4 when the Hub fails."""
     output_dir = Path(args.output_dir)
     if not (output_dir / "adapter_config.json").is_file():
         print(f"error: {output_dir} holds no adapter_config.json: not a finished hf_dpo run", file=sys.stderr)
         return 2
+    from .hub import HubPushError, PushRefusedError, push_output_dir  # no torch: a push starts in a second
+
     try:
-        url = publish(
+        url = push_output_dir(
             output_dir, args.repo_id, token=args.token, private=args.private, revision=args.revision
         )
+    except PushRefusedError as err:  # nothing was sent: a bad repo id, a token in a file, ...
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except HubPushError as err:
-        print(f"error: push failed: {err}", file=sys.stderr)  # the message ends with the retry command
+        print(f"error: {err}", file=sys.stderr)  # the message ends with the command that retries
         return 4
     print(f"pushed {output_dir} to {url}")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Merge the adapter into a full-precision copy of the base model and save it."""
+    """Merge the adapter into a copy of the base model in `--dtype` (no quantisation) and save it."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -58,19 +61,30 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .tiny import resolve_model_path
 
     adapter_dir = Path(args.adapter)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        print(f"error: {adapter_dir} holds no adapter_config.json: not a LoRA adapter", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if out.resolve() == adapter_dir.resolve():
+        print("error: --out must be a new folder, not the adapter's own", file=sys.stderr)
+        return 2
+    config = json.loads(config_file.read_text())
     base_name = args.base or config.get("base_model_name_or_path")
     if not base_name:
         print("error: the adapter does not name its base model; pass --base", file=sys.stderr)
         return 2
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_name), dtype=dtype)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_name), dtype=dtype)
+    except OSError as err:
+        print(f"error: cannot load the base model {base_name!r}: {err}; pass --base", file=sys.stderr)
+        return 2
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(args.out)
-    load_tokenizer(
-        str(adapter_dir) if (adapter_dir / "tokenizer_config.json").exists() else base_name
-    ).save_pretrained(args.out)
-    print(f"merged model saved in {args.out}")
+    merged.save_pretrained(out)
+    has_tokenizer = (adapter_dir / "tokenizer_config.json").exists()
+    load_tokenizer(str(adapter_dir) if has_tokenizer else base_name).save_pretrained(out)
+    print(f"merged model saved in {out}")
     return 0
 
 

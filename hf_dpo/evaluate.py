@@ -1,12 +1,19 @@
-"""`hf-dpo eval ADAPTER_DIR [--flags]`: DPO metrics of a trained adapter against its base model.
+"""`hf-dpo eval --adapter DIR [--flags]`: DPO metrics of a trained adapter against its base model.
 
 The policy is the adapter, the reference is the base model (adapter disabled), and the metrics are those
-of training (eval_loss, eval_rewards/accuracies, eval_rewards/margins, ...), printed as JSON and, with
---output_dir, written to eval_results.json there.
+of training (eval_loss, eval_rewards/accuracies, eval_rewards/margins, ...), printed as JSON on stdout and
+written to OUT/eval_results.json (OUT is --output_dir, by default the adapter folder). The adapter folder
+may also come first without `--adapter`. An untrained adapter is the base model itself, so its eval_loss is
+ln 2 and its rewards 0.
+
+The rows evaluated: `--dataset_test_split S` of the data; else, with `--dataset_test_size`, the rows the
+recipe held out with the same value and seed; else every row of `--dataset_train_split` (the bundled data by
+default).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -16,58 +23,86 @@ from transformers import HfArgumentParser
 
 from .config import DataArguments, DPOConfig, ModelArguments
 
+USAGE = (
+    "usage: hf-dpo eval --adapter DIR [--model_name_or_path BASE] [--dataset_name D] [--dataset_test_split S | --dataset_test_size N] "
+    "[--output_dir O] [--per_device_eval_batch_size N] [other ModelArguments/DPOConfig flags]"
+)
+
 
 def evaluate_cli(argv: list[str]) -> int:
-    from .data import PreferenceDataError, bundled_data_path, load_preference_data
+    """Exit 0 with the metrics on stdout; 2 with one line on stderr for a bad adapter, flag or data."""
+    from .data import PreferenceDataError
+    from .yaml_args import parse_args
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    argv = list(argv)
+    if "--adapter" in argv[:-1]:
+        at = argv.index("--adapter")
+        adapter_dir, rest = Path(argv[at + 1]), argv[:at] + argv[at + 2 :]
+    elif not argv[0].startswith("-"):
+        adapter_dir, rest = Path(argv[0]), argv[1:]
+    else:
+        print(f"error: which adapter? pass --adapter DIR\n{USAGE}", file=sys.stderr)
+        return 2
+    config_file = adapter_dir / "adapter_config.json"
+    if not config_file.is_file():
+        print(f"error: {adapter_dir} holds no adapter_config.json: not a LoRA adapter", file=sys.stderr)
+        return 2
+    write_to = rest[rest.index("--output_dir") + 1] if "--output_dir" in rest[:-1] else str(adapter_dir)
+    with tempfile.TemporaryDirectory(prefix="hf_dpo_eval_") as scratch:
+        if "--output_dir" not in rest:
+            rest = [*rest, "--output_dir", scratch]  # the Trainer's own scratch; results go to write_to
+        try:
+            parser = HfArgumentParser((ModelArguments, DataArguments, DPOConfig))
+            model_args, data_args, args = parse_args(parser, rest)
+            if "--model_name_or_path" not in rest:
+                base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+                model_args.model_name_or_path = base or model_args.model_name_or_path
+            model_args.adapter_name_or_path = str(adapter_dir)
+            args.report_to = []
+            metrics = evaluate_adapter(model_args, data_args, args)
+        except PreferenceDataError as err:
+            print(f"error: bad preference data: {err}", file=sys.stderr)
+            return 2
+        except (ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    print(json.dumps(metrics, indent=2))
+    Path(write_to).mkdir(parents=True, exist_ok=True)
+    (Path(write_to) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def evaluate_adapter(model_args: ModelArguments, data_args: DataArguments, args: DPOConfig) -> dict:
+    """Load base + adapter (trainable weights untouched), pick the rows to evaluate, and return the metrics."""
+    from .data import bundled_data_path, load_preference_data
     from .modeling import load_model
     from .trainer import DPOTrainer
 
-    if not argv or argv[0].startswith("-"):
-        print(
-            "usage: hf-dpo eval ADAPTER_DIR [--dataset_name D] [--dataset_test_split S] [--output_dir O] "
-            "[--per_device_eval_batch_size N] [DPOConfig flags]",
-            file=sys.stderr,
-        )
-        return 2
-    adapter_dir = Path(argv[0])
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        print(f"error: {adapter_dir} holds no adapter_config.json", file=sys.stderr)
-        return 2
-    rest = argv[1:]
-    write_to = None
-    if "--output_dir" in rest:
-        write_to = rest[rest.index("--output_dir") + 1]
-    else:
-        rest += ["--output_dir", tempfile.mkdtemp(prefix="hf_dpo_eval_")]
-    parser = HfArgumentParser((ModelArguments, DataArguments, DPOConfig))
-    model_args, data_args, args = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
-    if "--model_name_or_path" not in rest:
-        model_args.model_name_or_path = json.loads(config_file.read_text()).get(
-            "base_model_name_or_path", model_args.model_name_or_path
-        )
-    model_args.adapter_name_or_path = str(adapter_dir)
-    args.report_to = []
-    try:
-        loaded = load_model(model_args, use_cpu=args.use_cpu, adapter_is_reference=False)
-        splits = load_preference_data(
-            data_args.dataset_name or str(bundled_data_path()),
-            split=data_args.dataset_test_split or data_args.dataset_train_split,
-            dataset_config=data_args.dataset_config,
-            prompt_field=data_args.prompt_field,
-            chosen_field=data_args.chosen_field,
-            rejected_field=data_args.rejected_field,
-            ranked_mode=data_args.ranked_mode,
-        )
-    except PreferenceDataError as err:
-        print(f"error: bad preference data: {err}", file=sys.stderr)
-        return 2
-    trainer = DPOTrainer(
-        model=loaded.model, args=args, eval_dataset=splits["train"], processing_class=loaded.tokenizer
+    loaded = load_model(model_args, use_cpu=args.use_cpu, adapter_is_reference=False)
+    source = data_args.dataset_name or str(bundled_data_path())
+    common = dict(
+        dataset_config=data_args.dataset_config,
+        prompt_field=data_args.prompt_field,
+        chosen_field=data_args.chosen_field,
+        rejected_field=data_args.rejected_field,
+        ranked_mode=data_args.ranked_mode,
     )
-    metrics = trainer.evaluate()
-    print(json.dumps(metrics, indent=2))
-    if write_to:
-        Path(write_to).mkdir(parents=True, exist_ok=True)
-        (Path(write_to) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
-    return 0
+    if data_args.dataset_test_split:
+        rows = load_preference_data(source, split=data_args.dataset_test_split, **common)["train"]
+    elif data_args.dataset_test_size:
+        splits = load_preference_data(
+            source,
+            split=data_args.dataset_train_split,
+            test_size=data_args.dataset_test_size,
+            seed=args.seed,
+            **common,
+        )
+        rows = splits["test"]
+    else:
+        rows = load_preference_data(source, split=data_args.dataset_train_split, **common)["train"]
+    trainer = DPOTrainer(model=loaded.model, args=args, eval_dataset=rows, processing_class=loaded.tokenizer)
+    with contextlib.redirect_stdout(sys.stderr):  # progress and log lines: stdout is the JSON alone
+        return trainer.evaluate()

@@ -16,9 +16,11 @@ import contextlib
 import fnmatch
 import glob
 import importlib
+import json
 import os
 import re
 import shlex
+import tempfile
 import threading
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -88,22 +90,32 @@ def push_output_dir(
     revision: str | None = None,
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
     endpoint: str | None = None,
+    path_in_repo: str | None = None,
 ) -> str:
     """Create `repo_id` if needed and upload the adapter files of `output_dir` in one commit; returns its URL.
 
     `token` defaults to the logged-in token (HF_TOKEN or `hf auth login`). `private` only applies when the
-    repo is created. `revision` is a branch, created from main if missing. Raises PushRefusedError before
-    any request when the push would be wrong, HubPushError when the Hub or the network fails.
+    repo is created. `revision` is a branch, created from main if missing. `path_in_repo` uploads into that
+    folder of the repo instead of its root (a checkpoint pushed during training) and deletes the files
+    already there that this push does not upload, so the folder mirrors `output_dir`. A base model loaded
+    from a local folder is named by the folder's name only in the pushed adapter_config.json. Raises
+    PushRefusedError before any request when the push would be wrong, HubPushError when the Hub or the
+    network fails.
     """
     from huggingface_hub import HfApi
 
     output_dir = Path(output_dir)
     try:
         check_repo_id(repo_id)
+        folder_in_repo = _check_path_in_repo(path_in_repo)
         names = files_to_push(output_dir)
         _refuse_secrets(output_dir, names, token, commit_message)
     except PushRefusedError as err:
-        err.retry_command = retry_command(output_dir, repo_id) if isinstance(repo_id, str) else None
+        err.retry_command = (
+            retry_command(output_dir, repo_id, revision=revision, private=private)
+            if isinstance(repo_id, str)
+            else None
+        )
         raise
 
     api = HfApi(endpoint=endpoint, token=token)
@@ -114,17 +126,28 @@ def push_output_dir(
             full_repo_id = getattr(repo_url, "repo_id", None) or repo_id
             if revision is not None and revision != "main":
                 api.create_branch(full_repo_id, branch=revision, exist_ok=True, repo_type="model")
-            commit = api.upload_folder(
-                repo_id=full_repo_id,
-                folder_path=output_dir,
-                # Exact names, escaped: upload_folder matches with fnmatch, whose "*" also crosses "/".
-                allow_patterns=[glob.escape(name) for name in names],
-                repo_type="model",
-                revision=revision,
-                commit_message=commit_message,
-            )
+            with _public_copy(output_dir, names) as folder:
+                commit = api.upload_folder(
+                    repo_id=full_repo_id,
+                    folder_path=folder,
+                    path_in_repo=folder_in_repo,
+                    # Exact names, escaped: upload_folder matches with fnmatch, whose "*" also crosses "/".
+                    allow_patterns=[glob.escape(name) for name in names],
+                    # Relative to path_in_repo: stale files of an earlier checkpoint in that folder go.
+                    delete_patterns=["*"] if folder_in_repo else None,
+                    repo_type="model",
+                    revision=revision,
+                    commit_message=commit_message,
+                )
     except Exception as err:
-        push_error = to_push_error(err, output_dir=output_dir, repo_id=repo_id, endpoint=api.endpoint)
+        push_error = to_push_error(
+            err,
+            output_dir=output_dir,
+            repo_id=repo_id,
+            endpoint=api.endpoint,
+            revision=revision,
+            private=private,
+        )
         if push_error is None:
             raise
         raise push_error from err
@@ -174,18 +197,31 @@ def check_repo_id(repo_id: str) -> None:
         raise PushRefusedError(f"Invalid repo id {repo_id!r}: {err}") from err
 
 
-def retry_command(output_dir: str | os.PathLike, repo_id: str) -> str:
-    """The shell command that pushes `output_dir` again."""
-    return f"hf-dpo push {shlex.quote(str(output_dir))} --repo-id {shlex.quote(repo_id)}"
+def retry_command(
+    output_dir: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool | None = None
+) -> str:
+    """The shell command that pushes `output_dir` again (never with the token: it comes from the login)."""
+    command = f"hf-dpo push {shlex.quote(str(output_dir))} --repo-id {shlex.quote(repo_id)}"
+    if revision is not None and revision != "main":
+        command += f" --revision {shlex.quote(revision)}"
+    if private:
+        command += " --private"
+    return command
 
 
 def to_push_error(
-    err: BaseException, *, output_dir: str | os.PathLike, repo_id: str, endpoint: str | None = None
+    err: BaseException,
+    *,
+    output_dir: str | os.PathLike,
+    repo_id: str,
+    endpoint: str | None = None,
+    revision: str | None = None,
+    private: bool | None = None,
 ) -> HubPushError | None:
     """Translate a huggingface_hub / network error into a HubPushError; None for anything else (a bug)."""
     from huggingface_hub.errors import HfHubHTTPError
 
-    retry = retry_command(output_dir, repo_id)
+    retry = retry_command(output_dir, repo_id, revision=revision, private=private)
     footer = f"\nThe run's files are untouched in {output_dir}. Once fixed, retry with:\n    {retry}"
     chain = _exception_chain(err)
 
@@ -242,6 +278,57 @@ def to_push_error(
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+
+
+def _check_path_in_repo(path_in_repo: str | None) -> str | None:
+    """A folder of the repo: relative, no `..`; None (or "") is the repo root."""
+    if not path_in_repo:
+        return None
+    parts = path_in_repo.strip("/").split("/")
+    if path_in_repo.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise PushRefusedError(
+            f"Invalid path_in_repo {path_in_repo!r}: expected a relative folder like 'checkpoint-100'."
+        )
+    return "/".join(parts)
+
+
+def public_adapter_config(output_dir: str | os.PathLike) -> bytes | None:
+    """adapter_config.json as it should be published, or None when it can go up unchanged.
+
+    peft records the base model as it was loaded; a local folder (`/home/me/models/llama`) would publish
+    where it lived, so only its last component is kept, as the model card does. The tiny model's build
+    folder becomes its name, "hf_dpo/tiny-llama", which hf_dpo resolves on any machine.
+    """
+    from hf_dpo.model_card import _is_local_path, _local_name
+    from hf_dpo.tiny import TINY_MODEL_NAME
+
+    path = Path(output_dir) / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base or not _is_local_path(base):
+        return None
+    is_tiny = (Path(base).expanduser() / "hf_dpo_tiny.json").is_file()  # the marker ensure_tiny_model writes
+    config["base_model_name_or_path"] = TINY_MODEL_NAME if is_tiny else _local_name(base)
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+@contextlib.contextmanager
+def _public_copy(output_dir: Path, names: list[str]) -> Iterator[Path]:
+    """`output_dir` itself, or a temporary folder of links to its files with a public adapter_config.json."""
+    config = public_adapter_config(output_dir) if "adapter_config.json" in names else None
+    if config is None:
+        yield output_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="hf_dpo_push_") as staging:
+        staging = Path(staging)
+        for name in names:
+            if name != "adapter_config.json":
+                (staging / name).symlink_to((output_dir / name).resolve())
+        (staging / "adapter_config.json").write_bytes(config)
+        yield staging
 
 
 def _refuse_secrets(output_dir: Path, names: list[str], token: str | None, commit_message: str) -> None:

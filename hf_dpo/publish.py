@@ -105,22 +105,37 @@ def publish(
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
+    path_in_repo: str | None = None,
 ) -> str:
-    """Push a finished run's adapter, tokenizer, card and results; raises hub.HubPushError on failure."""
+    """Push a finished run's adapter, tokenizer, card and results (into `path_in_repo` if given, else the
+    repo root); returns the commit URL, raises hub.HubPushError on failure."""
     from .hub import push_output_dir
 
-    kwargs = {"token": token, "private": private, "revision": revision}
+    kwargs = {"token": token, "private": private, "revision": revision, "path_in_repo": path_in_repo}
     if commit_message:
         kwargs["commit_message"] = commit_message
     return push_output_dir(output_dir, repo_id, **kwargs)
 
 
+HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")
+
+
 class HubStrategyCallback(TrainerCallback):
-    """Pushes during training as transformers' `hub_strategy` would ("every_save", "checkpoint",
-    "all_checkpoints"); "end" pushes only when the run is published at the end. A failed push during
-    training is logged and remembered; training goes on."""
+    """Pushes during training as transformers' `hub_strategy` does, minus what must never be published.
+
+    At every save: "every_save" pushes the saved model (adapter, config, tokenizer, card, curves) to the
+    repo root; "checkpoint" does that and also pushes the checkpoint into the repo's `last-checkpoint`
+    folder (replacing the previous one); "all_checkpoints" does that and pushes every checkpoint into its
+    own `checkpoint-N` folder. "end" pushes nothing here: the recipe publishes once at the end. Checkpoint
+    folders go up without optimizer, scheduler or RNG states and training_args.bin (they are not needed to
+    use the adapter, and pickles can carry local paths). A failed push is logged and remembered; training
+    goes on and the final push publishes everything.
+    """
 
     def __init__(self, trainer, repo_id: str, strategy: str):
+        strategy = str(getattr(strategy, "value", strategy))
+        if strategy not in HUB_STRATEGIES:
+            raise ValueError(f"hub_strategy must be one of {', '.join(HUB_STRATEGIES)}, got {strategy!r}")
         self.trainer = trainer
         self.repo_id = repo_id
         self.strategy = strategy
@@ -129,10 +144,23 @@ class HubStrategyCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.strategy == "end" or not args.should_save:
             return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not checkpoint.is_dir():
+            logger.warning("no %s to push at step %d", checkpoint, state.global_step)
+            return
+        if args.save_strategy == "epoch":  # transformers' commit messages
+            message = f"Training in progress, epoch {int(state.epoch)}"
+        else:
+            message = f"Training in progress, step {state.global_step}"
+        self._push(args, state, checkpoint, None, message)  # the latest saved model, at the repo root
+        if self.strategy == "checkpoint":
+            self._push(args, state, checkpoint, "last-checkpoint", message + ", checkpoint")
+        elif self.strategy == "all_checkpoints":
+            self._push(args, state, checkpoint, checkpoint.name, message + ", checkpoint")
+
+    def _push(self, args, state, folder: Path, path_in_repo: str | None, message: str) -> None:
         from .hub import HubPushError
 
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        folder = checkpoint if checkpoint.is_dir() else Path(args.output_dir)
         try:
             publish(
                 folder,
@@ -140,8 +168,11 @@ class HubStrategyCallback(TrainerCallback):
                 token=self.trainer.hub_token,
                 private=args.hub_private_repo,
                 revision=args.hub_revision,
-                commit_message=f"Training in progress, step {state.global_step}",
+                commit_message=message,
+                path_in_repo=path_in_repo,
             )
         except HubPushError as err:
-            logger.warning("push at step %d failed: %s", state.global_step, err)
-            self.failures.append(str(err))
+            what = f"{path_in_repo}/" if path_in_repo else "the model"
+            first_line = str(err).splitlines()[0]
+            logger.warning("push of %s at step %d failed: %s", what, state.global_step, first_line)
+            self.failures.append(f"step {state.global_step} ({what}): {first_line}")

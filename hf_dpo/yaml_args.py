@@ -1,50 +1,209 @@
-"""Arguments from flags, a YAML file, or a YAML file plus flags that override it."""
+"""Arguments from flags, a YAML file, or a YAML file plus flags that override it.
+
+Every mistake becomes an ArgumentsError (a ValueError) whose message names the file, line and field where the
+value came from, so the command line prints one line and exits 2 instead of a usage dump or a traceback.
+"""
 
 from __future__ import annotations
 
+import difflib
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
 
+CONFIG_SUFFIXES = (".yaml", ".yml")
+# transformers 4 names that configs written for it (TRL, alignment-handbook) still use -> transformers 5 names.
+# warmup_steps takes a float in [0, 1) as a ratio of the total steps, which is what warmup_ratio was.
+RENAMED = {"warmup_ratio": "warmup_steps"}
+
+
+class ArgumentsError(ValueError):
+    """A bad flag, config file or value; the message says where it came from and, if it can, what was meant."""
+
+
+@dataclass(frozen=True)
+class ConfigSetting:
+    """One `key: value` of a YAML config and the (1-based) line it is on."""
+
+    key: str
+    value: Any
+    line: int
+
+
+def read_yaml_config(path: str | Path) -> list[ConfigSetting]:
+    """The settings of a flat YAML mapping, in file order, each with its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ArgumentsError(f"{path}{where}: not valid YAML: {problem}") from err
+    if root is None:
+        return []
+    if not isinstance(root, yaml.MappingNode) or not isinstance(values, dict):
+        raise ArgumentsError(
+            f"{path}, line {root.start_mark.line + 1}: expected a mapping of argument names to values "
+            f"(`beta: 0.1`), got {type(values).__name__}"
+        )
+    settings: list[ConfigSetting] = []
+    first_line: dict[str, int] = {}
+    for key_node, _ in root.value:
+        key, line = str(key_node.value), key_node.start_mark.line + 1
+        if key in first_line:
+            raise ArgumentsError(
+                f"{path}, line {line}: {key!r} is set twice (also on line {first_line[key]})"
+            )
+        first_line[key] = line
+        settings.append(ConfigSetting(key, values[key_node.value], line))
+    return settings
+
+
+def setting_to_flags(setting: ConfigSetting) -> list[str]:
+    """`key: value` -> `--key value` (booleans lower-case, lists as several values, mappings as JSON)."""
+    value = setting.value
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        return [f"--{setting.key}", str(value).lower()]
+    if isinstance(value, list) and setting.key == "report_to":  # a single-string flag in transformers 5
+        return [f"--{setting.key}", ",".join(str(v) for v in value)]
+    if isinstance(value, list):
+        return [f"--{setting.key}", *(str(v) for v in value)]
+    if isinstance(value, dict):
+        return [f"--{setting.key}", json.dumps(value)]
+    return [f"--{setting.key}", str(value)]
+
 
 def yaml_to_flags(path: str | Path) -> list[str]:
-    """Turn a flat YAML mapping into `--key value` flags (lists become several values, dicts JSON)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of argument names to values, got {type(data).__name__}")
-    flags: list[str] = []
-    for key, value in data.items():
-        if value is None:
-            continue
-        flags.append(f"--{key}")
-        if isinstance(value, bool):
-            flags.append(str(value).lower())
-        elif isinstance(value, list):
-            flags.extend(str(v) for v in value)
-        elif isinstance(value, dict):
-            flags.append(json.dumps(value))
-        else:
-            flags.append(str(value))
-    return flags
+    """Turn a flat YAML mapping into `--key value` flags."""
+    return [flag for setting in read_yaml_config(path) for flag in setting_to_flags(setting)]
 
 
 def parse_args(parser: HfArgumentParser, argv: list[str]):
-    """Parse `[config.yaml] [--flags]`; flags given after the file override its values."""
-    argv = list(argv)
-    if argv and argv[0].endswith((".yaml", ".yml")):
+    """Parse `[config.yaml] [--flags]` into the parser's dataclasses; flags after the file override its values.
+
+    Raises FileNotFoundError for a missing config file and ArgumentsError for an unknown name or a bad value,
+    naming the file and line (for a config value) or the flag (for a command-line one).
+    """
+    argv = [_renamed_flag(arg) for arg in argv]
+    config_path, settings = None, []
+    if argv and argv[0].endswith(CONFIG_SUFFIXES):
         config_path = argv.pop(0)
-        if not Path(config_path).is_file():
-            raise FileNotFoundError(f"config file not found: {config_path}")
-        known = {a.dest for a in parser._actions}
-        flags = yaml_to_flags(config_path)
-        unknown = [f[2:] for f in flags if f.startswith("--") and f[2:] not in known]
-        if unknown:
-            raise ValueError(f"{config_path}: unknown argument(s): {', '.join(unknown)}")
-        argv = flags + argv
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        settings = [
+            ConfigSetting(RENAMED.get(s.key, s.key), s.value, s.line) for s in read_yaml_config(config_path)
+        ]
+    known = {action.dest for action in parser._actions}
+    for setting in settings:
+        if setting.key not in known:
+            raise ArgumentsError(
+                f"{config_path}, line {setting.line}: unknown argument {setting.key!r}"
+                + _did_you_mean(setting.key, known)
+            )
+    overridden = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    # Where each value came from, for messages: the config's line unless a flag overrides it.
+    origin = {
+        s.key: f"{config_path}, line {s.line}, field {s.key!r}" for s in settings if s.key not in overridden
+    }
+
+    def error(message: str):  # replaces argparse's usage dump + exit(2)
+        match = re.search(r"argument --(\w+)", message)
+        where = origin.get(match.group(1)) if match else None
+        raise ArgumentsError(f"{where}: {message}" if where else message)
+
+    flags = [flag for setting in settings for flag in setting_to_flags(setting)] + argv
+    parser.error = error
+    try:
+        *parsed, remaining = parser.parse_args_into_dataclasses(
+            args=flags, return_remaining_strings=True, look_for_args_file=False
+        )
+    except ArgumentsError:
+        raise
+    except (ValueError, TypeError) as err:  # a dataclass __post_init__ refusing a value
+        message = str(err)
+        sources = [where for key, where in origin.items() if re.search(rf"\b{re.escape(key)}\b", message)]
+        raise ArgumentsError(f"{sources[0]}: {message}" if sources else message) from err
+    finally:
+        del parser.error
+    if remaining:
+        raise ArgumentsError(_unknown_flags_message(remaining, known))
+    for args in parsed:
+        # transformers parses report_to as one string: "wandb,tensorboard" (or a YAML list) names several.
+        report_to = getattr(args, "report_to", None)
+        if isinstance(report_to, list) and len(report_to) == 1 and "," in report_to[0]:
+            args.report_to = [name.strip() for name in report_to[0].split(",") if name.strip()]
+    return tuple(parsed)
+
+
+def _renamed_flag(arg: str) -> str:
+    name, sep, value = arg[2:].partition("=")
+    if arg.startswith("--") and name in RENAMED:
+        return f"--{RENAMED[name]}{sep}{value}"
+    return arg
+
+
+def _unknown_flags_message(remaining: list[str], known: set[str]) -> str:
+    configs = [arg for arg in remaining if arg.endswith(CONFIG_SUFFIXES)]
+    if configs:
+        return f"a config file must come first, before any flag: {configs[0]} [--flags]"
+    flags = [arg for arg in remaining if arg.startswith("-")]
+    if not flags:
+        return f"unexpected argument(s) {' '.join(remaining)}: every value follows its --flag"
+    name = flags[0].lstrip("-").split("=", 1)[0]
+    return f"unknown argument {flags[0]}" + _did_you_mean(name, known, prefix="--")
+
+
+def _did_you_mean(name: str, known: set[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
+# Integrations transformers can check for, and the package that provides each.
+_REPORT_TO_PACKAGES = {
+    "comet_ml": "comet_ml",
+    "dagshub": "dagshub",
+    "dvclive": "dvclive",
+    "mlflow": "mlflow",
+    "neptune": "neptune",
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "codecarbon": "codecarbon",
+    "clearml": "clearml",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
+
+
+def check_report_to(report_to: str | list[str] | None) -> None:
+    """Fail early, with the fix, when `report_to` names an unknown integration or one that is not installed
+    (transformers would raise at Trainer init, after the model is loaded, or with a less helpful message)."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [name for name in names if name not in ("none", "all")]
+    available = set(get_available_reporting_integrations())
+    for name in names:
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ArgumentsError(
+                f"report_to: unknown integration {name!r}"
+                + _did_you_mean(name, set(INTEGRATION_TO_CALLBACK))
+                + f"; choose none, all, or any of {', '.join(sorted(INTEGRATION_TO_CALLBACK))}"
+            )
+        if name in _REPORT_TO_PACKAGES and name not in available:
+            raise ArgumentsError(
+                f"report_to: {name} is not installed; `pip install {_REPORT_TO_PACKAGES[name]}`, "
+                "or pass --report_to none"
+            )
