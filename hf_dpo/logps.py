@@ -50,8 +50,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def _logits(hidden_chunk, weight, bias):
+        """A fresh fp32 [chunk, vocab] tensor that the caller may overwrite."""
         if weight is None:
-            return hidden_chunk.float()
+            return hidden_chunk.to(torch.float32, copy=True)  # never an alias of the saved input
         logits = hidden_chunk @ weight.t()
         if bias is not None:
             logits = logits + bias
@@ -86,9 +87,9 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             end = min(start + ctx.chunk_size, hidden.shape[0])
             logits = _ChunkedTokenLogps._logits(hidden[start:end], weight, bias)
             # d log p(y) / d logits = onehot(y) - softmax(logits), scaled by the incoming gradient.
-            grad_logits = torch.exp(logits - lse[start:end, None]).mul_(-grad_logps[start:end, None])
+            # In place: the chunk's logits become its gradient, so one [chunk, vocab] fp32 block is alive.
+            grad_logits = logits.sub_(lse[start:end, None]).exp_().mul_(-grad_logps[start:end, None])
             grad_logits.scatter_add_(1, targets[start:end, None], grad_logps[start:end, None])
-            del logits
             if weight is None:
                 if need_hidden:
                     grad_hidden[start:end] = grad_logits.to(hidden.dtype)
