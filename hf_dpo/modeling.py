@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from .config import ModelArguments
 from .tiny import resolve_model_path
@@ -114,7 +115,8 @@ def load_model(
         revision=model_args.model_revision,
         quantization_config=quantization_config,
         dtype=weights_dtype,
-        device_map={"": device},
+        # ZeRO-3 partitions the weights itself: a device_map would place whole copies on every rank.
+        device_map=None if is_deepspeed_zero3_enabled() else {"": device},
         trust_remote_code=model_args.trust_remote_code,
         use_safetensors=None,
         **kwargs,

@@ -105,9 +105,15 @@ def precompute_reference_logps(trainer, dataset):
             flat, offsets = stored["values"].tolist(), stored["offsets"].tolist()
             values = [flat[offsets[i] : offsets[i + 1]] for i in range(len(dataset))]
             logger.info("reference log-probs for %d rows loaded from cache %s", len(dataset), path)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if world > 1:
+        # Compute together unless every rank found the cache: a rank that computes alone would wait forever
+        # in the gather below (e.g. the cache was written between two ranks' checks, or is not shared).
+        hit = torch.tensor([0.0 if values is None else 1.0], device=trainer.args.device)
+        if accelerator.reduce(hit, reduction="sum").item() < world:
+            values = None
     if values is None:
-        world, rank = accelerator.num_processes, accelerator.process_index
-        mine = list(range(rank, len(dataset), world))
+        mine = list(range(rank, len(dataset), world))  # each row once, over all ranks
         computed = _compute_rows(trainer, dataset, mine)
         if world > 1:
             gathered = [None] * world
@@ -132,5 +138,11 @@ def precompute_reference_logps(trainer, dataset):
                 str(tmp),
             )
             os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
-        logger.info("reference log-probs precomputed for %d rows (cache %s)", len(dataset), path)
+        logger.info(
+            "reference log-probs precomputed for %d rows, %d of them by rank %d (cache %s)",
+            len(dataset),
+            len(mine),
+            rank,
+            path,
+        )
     return dataset.add_column("ref_logps", values)

@@ -94,8 +94,10 @@ def build_tiny_model(vocab_size: int, seed: int = 0, hidden_size: int = 64, num_
         eos_token_id=2,
         pad_token_id=0,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    # A private generator state: building the model must not move the caller's RNG (the training seed).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     return model
 
 
