@@ -2,8 +2,8 @@
 
 Padded: the 2B sequences of a step are right-padded to the longest. Padding-free (`padding_free=True`):
 they are concatenated into one row with restarting position_ids, so no compute is spent on padding (with
-flash-attention's varlen kernel on GPU; elsewhere transformers builds a block-diagonal mask from the
-position_ids). Same model, rows, order, seed and live reference in both. Target: >= 1.3x tokens/s.
+flash-attention's varlen kernel when the model uses it; otherwise hf_dpo switches the model to its own
+varlen sdpa, `hf_dpo.attention`, which attends within each sequence of the row). Same model, rows, order, seed and live reference in both. Target: >= 1.3x tokens/s.
 
     OMP_NUM_THREADS=1 python benchmarks/padding_free.py                 # tiny shape, CPU
     OMP_NUM_THREADS=1 python benchmarks/padding_free.py --shape large-vocab --steps 4 --repeat 3
@@ -160,7 +160,7 @@ def report(args, shape, batch, max_length, steps, data, results) -> str:
 Command: `{command}`
 
 - Model: {shape.arch}, vocab {shape.vocab_size}, hidden {shape.hidden_size}, {shape.num_layers} layers, random weights,
-  4-bit NF4; LoRA r=16 on all linear layers; attention: {args.attn or "the model default (sdpa)"}.
+  4-bit NF4; LoRA r=16 on all linear layers; attention: {args.attn or "the model default (sdpa)"} padded, {args.attn if args.attn and "flash" in args.attn else "hf_dpo_varlen (per-sequence sdpa)"} padding-free.
 - Data: {batch} pairs per step, prompts of {data.prompt_len[0]}-{data.prompt_len[1]} tokens, completions of
   {data.completion_len[0]}-{data.completion_len[1]} tokens (4:1), {padded0["tokens_per_step"]:,.0f} non-padding tokens per step;
   the padded batches are {padded0["padding_fraction"]:.0%} padding. Same rows, same order (identical per-step token

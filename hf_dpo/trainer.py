@@ -17,7 +17,9 @@ from collections import defaultdict
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from .attention import use_varlen_attention
 from .collator import PreferenceCollator
 from .config import DPOConfig
 from .logps import SequenceLogps, sequence_logps, sequence_logps_from_hidden
@@ -89,20 +91,34 @@ class DPOTrainer(Trainer):
         args.push_to_hub = (
             False  # hf_dpo publishes itself (hf_dpo.publish), so a Hub outage cannot stop a run
         )
+        if args.ddp_find_unused_parameters is None:
+            # Every LoRA weight takes part in every forward (frozen weights are not DDP's business), so
+            # DDP need not walk the autograd graph looking for unused ones each step.
+            args.ddp_find_unused_parameters = False
 
         if args.disable_dropout:
             disable_dropout(model)
             if ref_model is not None:
                 disable_dropout(ref_model)
         guard_cpu_4bit_repacking(model)
+        if args.padding_free:
+            # sdpa/eager would attend across the whole packed row (N^2); attend within each sequence instead.
+            use_varlen_attention(model)
+            if ref_model is not None:
+                use_varlen_attention(ref_model)
         self.ref_model = ref_model
         self.run_info = dict(run_info or {})
 
-        train_dataset = self._tokenize(train_dataset, processing_class, args, "train")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {k: self._tokenize(v, processing_class, args, k) for k, v in eval_dataset.items()}
-        else:
-            eval_dataset = self._tokenize(eval_dataset, processing_class, args, "eval")
+        # Under several processes the main one tokenises (and fills the `datasets` cache) first; the others
+        # then read its cache instead of racing to write the same files.
+        with args.main_process_first(desc="tokenising the preference data"):
+            train_dataset = self._tokenize(train_dataset, processing_class, args, "train")
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {
+                    k: self._tokenize(v, processing_class, args, k) for k, v in eval_dataset.items()
+                }
+            else:
+                eval_dataset = self._tokenize(eval_dataset, processing_class, args, "eval")
         if data_collator is None:
             data_collator = PreferenceCollator(
                 pad_token_id=processing_class.pad_token_id,
@@ -129,6 +145,9 @@ class DPOTrainer(Trainer):
             "eval": defaultdict(float),
         }
         self.nonfinite_skipped = 0
+        self._step_fault: str | None = None  # "loss" or "gradient": what went non-finite in this step
+        self._step_rows: list[int] = []  # data lines of the micro-batches of the step in progress
+        self._last_step_rows: list[int] = []  # ... and of the last finished step
 
         if args.precompute_ref_log_probs and not args.reference_free:
             self.train_dataset = self._precompute(self.train_dataset)
@@ -142,12 +161,12 @@ class DPOTrainer(Trainer):
     def _tokenize(dataset, tokenizer, args: DPOConfig, split: str):
         if dataset is None or "prompt_input_ids" in dataset.column_names:
             return dataset
+        from .data import load_preference_data, tokenize_preference_dataset
+
         if "completions" not in dataset.column_names:
-            raise ValueError(
-                f"the {split} dataset has columns {dataset.column_names}; load it with "
-                "hf_dpo.load_preference_data (or pass tokenised rows with prompt_input_ids/completion_input_ids)"
-            )
-        from .data import tokenize_preference_dataset
+            # Raw rows ({"chose", "rejected"}, {"prompt", "chosen", "rejected"}, conversations, ranked
+            # responses): normalise them as load_preference_data does, with its row-level error messages.
+            dataset = load_preference_data(dataset)["train"]
 
         return tokenize_preference_dataset(
             dataset,
@@ -170,14 +189,14 @@ class DPOTrainer(Trainer):
         position_ids = inputs.get("position_ids")
         if self.args.padding_free:
             forward_kwargs["position_ids"] = position_ids
+            # Sequence boundaries for flash-attention's varlen kernels or hf_dpo.attention's varlen sdpa.
             for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
-                if key in inputs and "flash" in str(
-                    getattr(getattr(model, "config", None), "_attn_implementation", "")
-                ):
+                if key in inputs:
                     forward_kwargs[key] = inputs[key]
         else:
             forward_kwargs["attention_mask"] = inputs["attention_mask"]
-        head = fusable_lm_head(model)
+        # Under DeepSpeed ZeRO-3 a weight exists only inside its module's forward: no fused head then.
+        head = None if is_deepspeed_zero3_enabled() else fusable_lm_head(model)
         with lm_head_returns_hidden_states(head) if head is not None else contextlib.nullcontext():
             outputs = model(**forward_kwargs)
         common = dict(
@@ -223,8 +242,10 @@ class DPOTrainer(Trainer):
         )
         loss = losses.mean()
         if mode == "train" and not torch.isfinite(loss.detach()):
-            loss = self._handle_nonfinite("loss", inputs, loss)
-        self._store_metrics(mode, policy, policy_logps, rewards, response_mask)
+            # Decided in training_step once the step's gradients are in, on every rank at once.
+            self._step_fault = self._step_fault or "loss"
+        else:  # a non-finite batch would turn every metric of its logging window into NaN
+            self._store_metrics(mode, policy, policy_logps, rewards, response_mask)
         if return_outputs:
             return loss, {"policy_logps": policy_logps.detach(), "rewards": rewards}
         return loss
@@ -301,27 +322,58 @@ class DPOTrainer(Trainer):
     # ---------------------------------------------------------------- faults
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not all(
-            p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad
-        ):
-            self._handle_nonfinite("gradient", inputs, None)
-            model.zero_grad(set_to_none=True)
+        lines = inputs.get("source_line")
+        self._step_rows.extend(lines.tolist() if lines is not None else [])
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if not _all_finite(grads):
+            self._step_fault = self._step_fault or "gradient"
+        if self.accelerator.sync_gradients:  # the last micro-batch: the optimizer steps next
+            self._end_of_step_fault_check(model)
         return loss
 
-    def _handle_nonfinite(self, what: str, inputs, loss):
-        lines = inputs.get("source_line")
-        rows = lines.tolist() if lines is not None else "unknown"
-        where = f"step {self.state.global_step + 1}, data rows (line numbers) {rows}"
+    def _end_of_step_fault_check(self, model) -> None:
+        """Stop (or skip the update) if any rank saw a non-finite loss or gradient in this step.
+
+        The ranks agree first: one rank raising while the others wait in a gradient all-reduce would hang.
+        """
+        fault, rows = self._step_fault, self._step_rows
+        self._step_fault, self._step_rows, self._last_step_rows = None, [], rows
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([0.0 if fault is None else 1.0], device=self.args.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() > 0:
+                gathered = [None] * self.accelerator.num_processes
+                torch.distributed.all_gather_object(gathered, (fault, rows))
+                fault = next((f for f, _ in gathered if f == "loss"), "gradient")
+                rows = [row for _, rank_rows in gathered for row in rank_rows]
+        if fault is None:
+            return
+        where = f"step {self.state.global_step + 1}, data rows (line numbers) {rows or 'unknown'}"
         if self.args.nonfinite_action == "skip":
             self.nonfinite_skipped += 1
+            model.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves every weight as it is
             logger.warning(
-                "non-finite %s at %s: batch skipped (%d so far)", what, where, self.nonfinite_skipped
+                "non-finite %s at %s: batch skipped (%d so far)", fault, where, self.nonfinite_skipped
             )
-            return None if loss is None else torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+            return
         raise NonFiniteLossError(
-            f"non-finite {what} at {where}. The run stopped; checkpoints saved so far are kept. "
-            "Check those rows, lower the learning rate, or set nonfinite_action=skip to skip such batches."
+            f"non-finite {fault} at {where}. The run stopped before this update; checkpoints saved so far "
+            "are kept. Check those rows, lower the learning rate, or set nonfinite_action=skip to skip such "
+            "batches."
         )
+
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # Before anything is logged or saved: an update can itself overflow (e.g. a learning rate of inf)
+        # from finite gradients; such weights must never reach a checkpoint.
+        if self.args.nonfinite_action == "stop":
+            weights = [p for p in self.model.parameters() if p.requires_grad]
+            if not _all_finite(weights):
+                raise NonFiniteLossError(
+                    f"non-finite weights after the update of step {self.state.global_step}, data rows (line "
+                    f"numbers) {self._last_step_rows or 'unknown'} (learning rate {self._get_learning_rate()}). "
+                    "The run stopped before saving them; checkpoints saved so far are kept. Lower the learning "
+                    "rate."
+                )
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     # ---------------------------------------------------------------- saving and resuming
     def _save_checkpoint(self, model, trial) -> None:
@@ -382,6 +434,13 @@ def resolve_resume_checkpoint(resume, output_dir: str):
             f"is not a checkpoint); the last complete one is {latest}"
         )
     return resume
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True if every element of every tensor is finite; one device sync, however many tensors."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def _by_row(per_sequence: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

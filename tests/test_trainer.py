@@ -438,3 +438,79 @@ def test_checkpoint_cut_short_is_never_resumed(tiny_model_path, tmp_path):
     a, b = lora_state(straight.model), lora_state(resumed.model)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_padding_free_gives_the_padded_losses_and_gradients(tiny_model_path, tmp_path):
+    """Packed rows with per-sequence (varlen) attention: same sequence log-probs, loss and LoRA gradients as
+    the padded batch (1e-5), and the model's attention is hf_dpo's varlen kernel, not an N x N mask."""
+    from hf_dpo.attention import VARLEN_ATTENTION
+
+    padded = _trainer(tiny_model_path, tmp_path / "padded", max_steps=1)
+    packed = _trainer(tiny_model_path, tmp_path / "packed", max_steps=1, padding_free=True)
+    assert packed.model.config._attn_implementation == VARLEN_ATTENTION
+    rows = [padded.train_dataset[i] for i in range(4)]
+    padded_batch = padded._prepare_inputs(PreferenceCollator(pad_token_id=0)(rows))
+    packed_batch = packed._prepare_inputs(PreferenceCollator(pad_token_id=0, padding_free=True)(rows))
+    assert packed_batch["input_ids"].shape[0] == 1
+    # a trained adapter, so the policy differs from the reference and gradients are non-trivial
+    padded.train()
+    for p, q in zip(padded.model.parameters(), packed.model.parameters()):
+        q.data.copy_(p.data)
+    results = []
+    for trainer, batch in ((padded, padded_batch), (packed, packed_batch)):
+        trainer.model.train()
+        trainer.model.zero_grad()
+        logps = trainer.sequence_logps(trainer.model, batch).logps
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters() if p.requires_grad]
+        results.append((logps.detach(), loss.detach(), grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=1e-5)
+    for a, b in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_raw_rows_are_normalised_and_tokenised_by_the_trainer(tiny_model_path, tmp_path):
+    """A datasets.Dataset of the seed's rows goes straight into DPOTrainer: the implicit prompt is the common
+    prefix cut at the last whitespace, ids follow the tokenisation contract, EOS ends each completion."""
+    from datasets import Dataset
+
+    from hf_dpo.data import PreferenceDataError
+
+    loaded = load(tiny_model_path)
+    tok = loaded.tokenizer
+    raw = Dataset.from_list(
+        [
+            {
+                "chose": "Question: is water wet? Answer: yes, it is",
+                "rejected": "Question: is water wet? Answer: no",
+            },
+            {"chose": "Name a colour. Blue", "rejected": "Name a colour. Seven"},
+        ]
+    )
+    trainer = _trainer(tiny_model_path, tmp_path, dataset=raw, loaded=loaded)
+    first = trainer.train_dataset[0]
+    assert first["prompt_input_ids"] == tok("Question: is water wet? Answer:").input_ids
+    full = tok("Question: is water wet? Answer: yes, it is").input_ids
+    assert first["prompt_input_ids"] + first["completion_input_ids"][0] == full + [tok.eos_token_id]
+    assert first["completion_input_ids"][1][-1] == tok.eos_token_id
+    assert len(trainer.train_dataset) == 2
+
+    bad = Dataset.from_list([{"chose": "Name a colour. Blue", "rejected": 7}])
+    with pytest.raises(PreferenceDataError, match="rejected"):
+        _trainer(tiny_model_path, tmp_path / "bad", dataset=bad, loaded=load(tiny_model_path))
+
+
+def test_building_the_tiny_model_leaves_the_callers_rng_alone():
+    """The tiny model is built from its own seed inside a forked RNG: the training seed's stream is intact."""
+    from hf_dpo.tiny import build_tiny_model
+
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    first = build_tiny_model(vocab_size=64)
+    assert torch.equal(torch.rand(3), expected)
+    second = build_tiny_model(vocab_size=64)
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
