@@ -159,7 +159,9 @@ class DPOConfig(TrainingArguments):
     )
     padding_free: bool = field(
         default=False,
-        metadata={"help": "Pack the batch's sequences into one row (no compute on padding)."},
+        metadata={
+            "help": "Pack the batch's sequences into one row (no compute on padding; attention stays per sequence)."
+        },
     )
     disable_dropout: bool = field(
         default=True, metadata={"help": "Set every dropout to 0 so policy and reference passes agree."}

@@ -62,15 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         set_seed(training_args.seed)
         resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
-        # 2. Model: quantised base + LoRA, and its tokenizer.
-        loaded = load_model(
-            model_args,
-            use_cpu=training_args.use_cpu,
-            gradient_checkpointing=training_args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
-        )
-
-        # 3. Data: read, normalise and split; the trainer tokenises (cached by `datasets`).
+        # 2. Data: read, normalise and split (before the model, so a bad row fails in seconds, not after
+        # minutes of loading); the trainer tokenises (cached by `datasets`).
         dataset_name = data_args.dataset_name or str(bundled_data_path())
         splits = load_preference_data(
             dataset_name,
@@ -83,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             chosen_field=data_args.chosen_field,
             rejected_field=data_args.rejected_field,
             ranked_mode=data_args.ranked_mode,
+        )
+
+        # 3. Model: quantised base + LoRA, and its tokenizer.
+        loaded = load_model(
+            model_args,
+            use_cpu=training_args.use_cpu,
+            gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
         )
 
         # 4. Trainer; with hub_strategy other than "end", it also pushes at every save.

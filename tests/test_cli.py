@@ -195,6 +195,21 @@ def test_bad_data_exits_2_naming_file_line_and_field(tmp_path, capsys):
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
+    # The data is checked before the model is loaded: a bad row is reported even when the model could not load.
+    missing_model = tmp_path / "no-such-model"
+    result = hf_dpo_command(
+        "train",
+        "--dataset_name",
+        bad,
+        "--model_name_or_path",
+        missing_model,
+        "--output_dir",
+        tmp_path / "out",
+    )
+    assert result.returncode == 2
+    assert f"{bad}, line 3, field 'rejected'" in result.stderr
+    assert str(missing_model) not in result.stderr
+
     # The same through `hf-dpo eval` (in-process), and an adapter folder that is not one.
     assert cli.main(["eval", str(tmp_path), "--dataset_name", str(bad)]) == 2
     assert "holds no adapter_config.json" in capsys.readouterr().err
