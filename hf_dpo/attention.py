@@ -43,13 +43,17 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 
 
-def varlen_mask(*args, attention_mask=None, **kwargs):
-    """No mask for a packed row (the sequences are cut by cu_seq_lens); sdpa's mask for padded batches."""
+def varlen_mask(
+    batch_size: int, q_length: int, kv_length: int, *args, attention_mask=None, **kwargs
+) -> torch.Tensor | None:
+    """No mask for a packed row (one row, no padding mask, no cache: the sequences are cut by cu_seq_lens);
+    sdpa's own mask otherwise (padded batches, generation with a cache)."""
     from transformers.masking_utils import sdpa_mask
 
-    if attention_mask is None:
+    no_cache = kwargs.get("q_offset", 0) == 0 and kwargs.get("kv_offset", 0) == 0
+    if attention_mask is None and batch_size == 1 and q_length == kv_length and no_cache:
         return None
-    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+    return sdpa_mask(batch_size, q_length, kv_length, *args, attention_mask=attention_mask, **kwargs)
 
 
 def register_varlen_attention() -> str:
