@@ -6,6 +6,9 @@ written to OUT/eval_results.json (OUT is --output_dir, by default the adapter fo
 may also come first without `--adapter`. An untrained adapter is the base model itself, so its eval_loss is
 ln 2 and its rewards 0.
 
+The DPO settings (loss_type, beta, label_smoothing, reference_free, logp_reduction, max_length,
+max_prompt_length) default to those the adapter was trained with (its hf_dpo_run.json); flags override them.
+
 The rows evaluated: `--dataset_test_split S` of the data; else, with `--dataset_test_size`, the rows the
 recipe held out with the same value and seed; else every row of `--dataset_train_split` (the bundled data by
 default).
@@ -50,6 +53,7 @@ def evaluate_cli(argv: list[str]) -> int:
     if not config_file.is_file():
         print(f"error: {adapter_dir} holds no adapter_config.json: not a LoRA adapter", file=sys.stderr)
         return 2
+    rest = [*rest, *_run_settings(adapter_dir, rest)]
     write_to = rest[rest.index("--output_dir") + 1] if "--output_dir" in rest[:-1] else str(adapter_dir)
     with tempfile.TemporaryDirectory(prefix="hf_dpo_eval_") as scratch:
         if "--output_dir" not in rest:
@@ -73,6 +77,34 @@ def evaluate_cli(argv: list[str]) -> int:
     Path(write_to).mkdir(parents=True, exist_ok=True)
     (Path(write_to) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
     return 0
+
+
+# The DPO settings an adapter was trained with, reused by `hf-dpo eval` unless given on its command line: the
+# loss of an IPO adapter or one trained with beta 0.01 means something else under the defaults.
+RUN_SETTINGS = (
+    "loss_type",
+    "beta",
+    "label_smoothing",
+    "reference_free",
+    "logp_reduction",
+    "max_length",
+    "max_prompt_length",
+)
+
+
+def _run_settings(adapter_dir: Path, argv: list[str]) -> list[str]:
+    """Flags for the settings recorded in the run's hf_dpo_run.json (written at save) that argv does not set."""
+    try:
+        training = json.loads((adapter_dir / "hf_dpo_run.json").read_text(encoding="utf-8"))["training"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # not an hf_dpo run folder (e.g. an adapter from elsewhere): the defaults apply
+    flags = []
+    for name in RUN_SETTINGS:
+        value = training.get(name) if isinstance(training, dict) else None
+        if value is None or f"--{name}" in argv or any(a.startswith(f"--{name}=") for a in argv):
+            continue
+        flags += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
 
 
 def evaluate_adapter(model_args: ModelArguments, data_args: DataArguments, args: DPOConfig) -> dict:

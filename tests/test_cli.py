@@ -58,7 +58,8 @@ def pairs(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, pairs) -> Path:
-    """`hf-dpo train` (the recipe) for 3 steps on 20 pairs, 4 held out; its output_dir."""
+    """`hf-dpo train` (the recipe) for 3 steps on 20 pairs, 4 held out, beta 0.25, mean log-probs; its
+    output_dir."""
     out = tmp_path_factory.mktemp("train") / "out"
     result = hf_dpo_command(
         "train",
@@ -71,6 +72,8 @@ def trained(tmp_path_factory, pairs) -> Path:
         "--per_device_train_batch_size", "4",
         "--lora_r", "4",
         "--lora_dropout", "0",
+        "--beta", "0.25",
+        "--logp_reduction", "mean",
         *TOKENISATION,
         "--save_strategy", "no",
         "--report_to", "none",
@@ -129,8 +132,10 @@ def test_eval_of_a_fresh_adapter_is_the_reference(fresh_adapter, pairs, capsys, 
 
 
 def test_eval_of_the_trained_adapter_repeats_the_runs_own_eval(trained, pairs, tmp_path, capsys):
-    """Same held-out rows (dataset_test_size 4, same seed), adapter reloaded from disk: same numbers."""
-    argv = ["eval", str(trained), "--dataset_name", str(pairs), "--dataset_test_size", "4", *TOKENISATION]
+    """Same held-out rows (dataset_test_size 4, same seed), adapter reloaded from disk, and the run's own beta,
+    reduction and lengths (read from its hf_dpo_run.json, not passed here): same numbers. A flag overrides a
+    recorded setting: beta 0.1 instead of 0.25 scales every reward by 0.4 and leaves the log-probs alone."""
+    argv = ["eval", str(trained), "--dataset_name", str(pairs), "--dataset_test_size", "4"]
     assert cli.main([*argv, "--output_dir", str(tmp_path / "eval")]) == 0
     metrics = json.loads(capsys.readouterr().out)
     from_run = json.loads((trained / "eval_results.json").read_text())
@@ -138,6 +143,13 @@ def test_eval_of_the_trained_adapter_repeats_the_runs_own_eval(trained, pairs, t
         assert metrics[f"eval_{key}"] == pytest.approx(from_run[f"eval_{key}"], abs=1e-4), key
     assert metrics["eval_loss"] != pytest.approx(LN2, abs=1e-4)  # it did train
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text()) == metrics
+
+    assert cli.main([*argv, "--output_dir", str(tmp_path / "beta"), "--beta", "0.1"]) == 0
+    lower = json.loads(capsys.readouterr().out)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert lower[f"eval_{key}"] == pytest.approx(0.4 * metrics[f"eval_{key}"], rel=1e-4, abs=1e-7), key
+    for key in ("logps/chosen", "logps/rejected"):
+        assert lower[f"eval_{key}"] == pytest.approx(metrics[f"eval_{key}"], abs=1e-5), key
 
 
 def test_merge_gives_the_logits_of_base_plus_adapter(trained, tmp_path, capsys):
