@@ -17,6 +17,7 @@ import fnmatch
 import glob
 import importlib
 import json
+import logging
 import os
 import re
 import shlex
@@ -28,6 +29,8 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from hf_dpo.model_card import HF_TOKEN_PATTERN
+
+logger = logging.getLogger(__name__)
 
 # Top-level files of an output_dir that a push uploads (fnmatch patterns on the file name; nothing in
 # sub-folders is ever pushed).
@@ -126,7 +129,7 @@ def push_output_dir(
             full_repo_id = getattr(repo_url, "repo_id", None) or repo_id
             if revision is not None and revision != "main":
                 api.create_branch(full_repo_id, branch=revision, exist_ok=True, repo_type="model")
-            with _public_copy(output_dir, names) as folder:
+            with _public_copy(output_dir, names, full_repo_id) as folder:
                 commit = api.upload_folder(
                     repo_id=full_repo_id,
                     folder_path=folder,
@@ -315,19 +318,61 @@ def public_adapter_config(output_dir: str | os.PathLike) -> bytes | None:
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
+CARD_INPUTS = ("base_model", "datasets", "training", "results", "license", "model_name")
+
+
+def public_model_card(output_dir: str | os.PathLike, repo_id: str) -> bytes | None:
+    """README.md as it should be published to `repo_id`, or None when it can go up unchanged.
+
+    A run trained without `hub_model_id` (or for another repo) has a card whose usage snippet loads
+    "path/to/adapter"; pushed later with `hf-dpo push --repo-id`, the card is rendered again from the run's
+    hf_dpo_run.json for that repo id. Only hf_dpo's own, unedited card is replaced: if README.md differs from
+    what the recorded inputs render (edited by hand, or written by something else), it goes up as it is.
+    """
+    from hf_dpo.model_card import render_model_card
+
+    output_dir = Path(output_dir)
+    try:
+        run = json.loads((output_dir / "hf_dpo_run.json").read_text(encoding="utf-8"))
+        current = (output_dir / "README.md").read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(run, dict) or run.get("hub_model_id") == repo_id or "base_model" not in run:
+        return None
+    inputs = {key: run[key] for key in CARD_INPUTS if key in run}
+    template = run.get("model_card_template")
+    try:
+        as_written = render_model_card(
+            output_dir, **inputs, hub_model_id=run.get("hub_model_id"), template_path=template
+        )
+        if as_written != current:
+            return None
+        card = render_model_card(output_dir, **inputs, hub_model_id=repo_id, template_path=template)
+    except Exception as err:  # a template that moved or broke: the card as written still describes the run
+        logger.warning("model card not re-rendered for %s (%s); pushing README.md as it is", repo_id, err)
+        return None
+    return card.encode("utf-8")
+
+
 @contextlib.contextmanager
-def _public_copy(output_dir: Path, names: list[str]) -> Iterator[Path]:
-    """`output_dir` itself, or a temporary folder of links to its files with a public adapter_config.json."""
-    config = public_adapter_config(output_dir) if "adapter_config.json" in names else None
-    if config is None:
+def _public_copy(output_dir: Path, names: list[str], repo_id: str) -> Iterator[Path]:
+    """`output_dir` itself, or a temporary folder of links to its files with a public adapter_config.json
+    and a card rendered for `repo_id`."""
+    replaced = {}
+    if "adapter_config.json" in names and (config := public_adapter_config(output_dir)) is not None:
+        replaced["adapter_config.json"] = config
+    if "README.md" in names and (card := public_model_card(output_dir, repo_id)) is not None:
+        replaced["README.md"] = card
+    if not replaced:
         yield output_dir
         return
     with tempfile.TemporaryDirectory(prefix="hf_dpo_push_") as staging:
         staging = Path(staging)
         for name in names:
-            if name != "adapter_config.json":
+            if name in replaced:
+                (staging / name).write_bytes(replaced[name])
+            else:
                 (staging / name).symlink_to((output_dir / name).resolve())
-        (staging / "adapter_config.json").write_bytes(config)
         yield staging
 
 

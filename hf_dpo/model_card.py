@@ -103,12 +103,14 @@ def render_model_card(
     template_path: str | os.PathLike | None = None,
     license: str | None = None,
     curves_image: str | os.PathLike | None = None,
+    model_name: str | None = None,
 ) -> str:
     """Render the model card of the adapter in `output_dir` and return its text (README.md content).
 
     `training` is a flat dict of settings and `results` a flat dict of final metrics (eval ones prefixed
     `eval_`); every key given is shown. `curves_image` defaults to `training_curves.png` when that file
-    exists in `output_dir`. `template_path` replaces the default template.
+    exists in `output_dir`. `template_path` replaces the default template. The title is the repo's name, else
+    `model_name`, else the folder's name.
     """
     import jinja2
 
@@ -148,7 +150,9 @@ def render_model_card(
     if curves_image is None and (output_dir / TRAINING_CURVES_FILENAME).is_file():
         curves_image = TRAINING_CURVES_FILENAME
 
-    model_name = hub_model_id.split("/")[-1] if hub_model_id else (output_dir.resolve().name or "adapter")
+    if hub_model_id:
+        model_name = hub_model_id.split("/")[-1]
+    model_name = model_name or output_dir.resolve().name or "adapter"
     base_link = (
         f"[{base_model}](https://huggingface.co/{base_model})" if base_is_hub else f"`{base_model_name}`"
     )

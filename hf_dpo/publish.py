@@ -87,8 +87,10 @@ def write_run_card(trainer, output_dir: str | os.PathLike) -> Path:
         "results": final_results(trainer.state.log_history),
         "hub_model_id": trainer.args.hub_model_id,
         "license": info.get("license"),
+        "model_name": output_dir.resolve().name,  # the title, kept if the folder is moved or renamed
     }
-    (output_dir / RUN_INFO_FILE).write_text(json.dumps(card_inputs, indent=2, default=str))
+    run = {**card_inputs, "model_card_template": trainer.args.model_card_template}  # for a later re-render
+    (output_dir / RUN_INFO_FILE).write_text(json.dumps(run, indent=2, default=str))
     return write_model_card(
         output_dir,
         **card_inputs,

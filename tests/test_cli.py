@@ -266,3 +266,39 @@ def test_push_names_a_local_base_model_by_its_folder_name_only(fresh_adapter, tm
     assert str(tmp_path).encode() not in pushed["adapter_config.json"]
     assert pushed["adapter_model.safetensors"] == (adapter / "adapter_model.safetensors").read_bytes()
     assert json.loads((adapter / "adapter_config.json").read_text()) == config  # the local file is untouched
+
+
+def test_push_later_renders_the_card_for_the_repo_id_unless_it_was_edited(trained, tmp_path, monkeypatch):
+    """A run trained without hub_model_id has a card that loads "path/to/adapter"; `hf-dpo push --repo-id`
+    publishes it rendered for that repo (from hf_dpo_run.json), leaving the local card alone. A card edited by
+    hand goes up byte for byte as it is."""
+    try:
+        from hub_server import FakeHub
+    except ImportError:
+        from tests.hub_server import FakeHub
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from hf_dpo.model_card import ADAPTER_PLACEHOLDER
+
+    run = shutil.copytree(trained, tmp_path / "run")
+    local_card = (run / "README.md").read_bytes()
+    assert f'"{ADAPTER_PLACEHOLDER}"'.encode() in local_card
+    token = "hf_" + "d" * 34
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with FakeHub(tokens=[token]) as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        assert cli.main(["push", str(run), "--repo-id", "me/renamed", "--token", token]) == 0
+        card = hub.files("me/renamed")["README.md"].decode()
+        edited = local_card + b"\nMy own notes.\n"
+        (run / "README.md").write_bytes(edited)
+        assert cli.main(["push", str(run), "--repo-id", "me/edited", "--token", token]) == 0
+        assert hub.files("me/edited")["README.md"] == edited
+    assert 'PeftModel.from_pretrained(base, "me/renamed")' in card
+    assert ADAPTER_PLACEHOLDER not in card
+    assert ModelCard(card).data.library_name == "peft"  # still valid Hub metadata
+    assert "# renamed" in card  # the title is the repo's name, no longer the output folder's
+    assert (
+        tmp_path / "run" / "README.md"
+    ).read_bytes() == edited  # local files are never rewritten by a push
