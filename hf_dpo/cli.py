@@ -10,15 +10,15 @@ from pathlib import Path
 
 from . import __version__
 
+# The recipe of a source checkout, else the copy (with its configs) that a wheel carries inside the package.
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "qlora_dpo.py"
+if not RECIPE.is_file():
+    RECIPE = Path(__file__).resolve().parent / "_bundled" / "qlora_dpo.py"
 
 
 def _load_recipe():
     if not RECIPE.exists():
-        raise SystemExit(
-            f"error: the recipe {RECIPE} is not here; `hf-dpo train` needs a source checkout "
-            "(pip install -e .)"
-        )
+        raise SystemExit(f"error: the recipe {RECIPE} is missing; reinstall hf_dpo")
     spec = importlib.util.spec_from_file_location("hf_dpo_recipe", RECIPE)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

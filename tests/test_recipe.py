@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -592,3 +593,22 @@ def test_hub_down_during_and_after_training_then_hf_dpo_push_retries(recipe, pai
     assert result.stdout.startswith(f"pushed {out} to {hub.endpoint}/me/later/commit/")
     assert hub.files("me/later") == pushable_files(out)
     assert set(hub.files("me/later")) == PUSHED
+
+
+def test_a_wheel_carries_the_recipe_its_configs_and_the_bundled_data():
+    """hf_dpo/_bundled links to the checkout's files, and the package-data patterns take them into the wheel,
+    so `pip install hf_dpo` (not editable) still runs `hf-dpo train` on the embedded default."""
+    package = ROOT / "hf_dpo"
+    bundled = package / "_bundled"
+    assert (bundled / "dpo_data.jsonl").resolve() == BUNDLED.resolve()
+    assert (bundled / "qlora_dpo.py").resolve() == RECIPE.resolve()
+    assert (bundled / "configs" / "tiny.yaml").read_bytes() == (
+        ROOT / "recipes/configs/tiny.yaml"
+    ).read_bytes()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    section = pyproject.split("[tool.setuptools.package-data]", 1)[1]
+    patterns = json.loads(re.search(r"^hf_dpo = (\[.*\])$", section, re.M).group(1))  # a JSON-like TOML list
+    shipped = {path for pattern in patterns for path in package.glob(pattern)}
+    needed = [bundled / "dpo_data.jsonl", bundled / "qlora_dpo.py", package / "model_card_template.md"]
+    needed += sorted((bundled / "configs").glob("*.yaml"))
+    assert set(needed) <= shipped

@@ -1,0 +1,1 @@
+../../recipes/qlora_dpo.py
