@@ -970,6 +970,36 @@ def _keep(reasons: list[str]) -> list[bool]:
     return [not r for r in reasons]
 
 
+def check_pairs_for_loss(
+    dataset: datasets.Dataset,
+    loss_type: str,
+    source: str | os.PathLike = "<dataset>",
+    line_kind: str = "line",
+) -> None:
+    """Raise PreferenceDataError, naming the first such row, if a pairwise loss meets a row with K > 2
+    responses (ranked data). Works on normalised (`completions`) and tokenised (`completion_input_ids`) rows."""
+    import pyarrow.compute as pc
+
+    from .losses import PAIRWISE_LOSSES
+
+    column = "completions" if "completions" in dataset.column_names else "completion_input_ids"
+    if loss_type not in PAIRWISE_LOSSES or column not in dataset.column_names or len(dataset) == 0:
+        return
+    arrow = dataset.select_columns([column, "source_line"]).with_format("arrow")
+    for batch in arrow.iter(batch_size=10_000):
+        counts = pc.list_value_length(batch[column])
+        if pc.max(counts).as_py() > 2:
+            at = pc.index(pc.greater(counts, 2), True).as_py()
+            raise PreferenceDataError(
+                f"a ranked row with {counts[at].as_py()} responses, but loss_type={loss_type!r} takes pairs: "
+                "pass --loss_type plackett_luce, or --ranked_mode pairs to expand ranked rows into pairs",
+                source,
+                batch["source_line"][at].as_py(),
+                "responses",
+                line_kind,
+            )
+
+
 def tokenize_preference_dataset(
     dataset: datasets.Dataset,
     tokenizer,

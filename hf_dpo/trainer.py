@@ -22,6 +22,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from .attention import use_varlen_attention
 from .collator import PreferenceCollator
 from .config import DPOConfig
+from .data import check_pairs_for_loss
 from .logps import SequenceLogps, sequence_logps, sequence_logps_from_hidden
 from .losses import preference_loss
 from .modeling import (
@@ -119,6 +120,9 @@ class DPOTrainer(Trainer):
                 }
             else:
                 eval_dataset = self._tokenize(eval_dataset, processing_class, args, "eval")
+        for name, split in [("train", train_dataset), *_named_splits(eval_dataset)]:
+            if split is not None:  # a pairwise loss cannot take ranked rows: say so now, not at their step
+                check_pairs_for_loss(split, args.loss_type, f"<{name} dataset>", "source_line")
         if data_collator is None:
             data_collator = PreferenceCollator(
                 pad_token_id=processing_class.pad_token_id,
@@ -434,6 +438,12 @@ def resolve_resume_checkpoint(resume, output_dir: str):
             f"is not a checkpoint); the last complete one is {latest}"
         )
     return resume
+
+
+def _named_splits(eval_dataset) -> list[tuple[str, object]]:
+    if isinstance(eval_dataset, dict):
+        return [(f"eval {name}", split) for name, split in eval_dataset.items()]
+    return [("eval", eval_dataset)]
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

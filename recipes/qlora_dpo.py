@@ -34,7 +34,7 @@ import transformers
 from transformers import HfArgumentParser, set_seed
 
 from hf_dpo.config import DataArguments, DPOConfig, ModelArguments
-from hf_dpo.data import PreferenceDataError, bundled_data_path, load_preference_data
+from hf_dpo.data import PreferenceDataError, bundled_data_path, check_pairs_for_loss, load_preference_data
 from hf_dpo.hub import HubPushError, check_repo_id
 from hf_dpo.modeling import load_model
 from hf_dpo.publish import HubStrategyCallback, publish
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             rejected_field=data_args.rejected_field,
             ranked_mode=data_args.ranked_mode,
         )
+        line_kind = "line" if dataset_name.endswith(".jsonl") else "row"
+        for split in splits.values():  # ranked rows (K > 2) need plackett_luce or ranked_mode=pairs
+            check_pairs_for_loss(split, training_args.loss_type, dataset_name, line_kind)
 
         # 3. Model: quantised base + LoRA, and its tokenizer.
         loaded = load_model(

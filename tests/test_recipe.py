@@ -303,6 +303,10 @@ def test_flags_only_on_one_pair_logs_what_the_loss_predicts(recipe, one_pair, tm
         (["--dataset_name", "{missing}"], ["bad preference data", "missing.jsonl", "file not found"]),
         (["--dataset_name", "{bad_json}"], ["bad_json.jsonl, line 2", "invalid JSON"]),
         (["--dataset_name", "{bad_field}"], ["bad_field.jsonl, line 1, field 'chosen'", "expected a string"]),
+        (
+            ["--dataset_name", "{ranked}"],
+            ["ranked.jsonl, line 2, field 'responses'", "3 responses", "loss_type='sigmoid' takes pairs"],
+        ),
         (["--push_to_hub", "true", "--hub_model_id", "bad..name"], ["Invalid repo id 'bad..name'"]),
         (["--resume_from_checkpoint", "true"], ["resume_from_checkpoint", "no complete checkpoint"]),
     ],
@@ -312,7 +316,10 @@ def test_bad_flags_and_data_exit_2_with_one_clear_line(recipe, pairs, tmp_path, 
         '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b" "rejected": "c"}\n'
     )
     (tmp_path / "bad_field.jsonl").write_text('{"prompt": "a", "chosen": 5, "rejected": "c"}\n')
-    names = {name: str(tmp_path / f"{name}.jsonl") for name in ("missing", "bad_json", "bad_field")}
+    (tmp_path / "ranked.jsonl").write_text(
+        '{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "responses": ["x", "y", "z"]}\n'
+    )
+    names = {name: str(tmp_path / f"{name}.jsonl") for name in ("missing", "bad_json", "bad_field", "ranked")}
     argv_tail = [arg.format(**names) for arg in argv_tail]
     out = tmp_path / "out"
 

@@ -514,3 +514,24 @@ def test_building_the_tiny_model_leaves_the_callers_rng_alone():
     second = build_tiny_model(vocab_size=64)
     for a, b in zip(first.parameters(), second.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_pairwise_loss_refuses_ranked_rows_up_front(tiny_model_path, tmp_path):
+    """K = 3 under loss_type sigmoid is refused when the trainer is built, naming the data line; the same rows
+    train under plackett_luce."""
+    from datasets import Dataset
+
+    from hf_dpo.data import PreferenceDataError
+
+    rows = Dataset.from_list(
+        [
+            {"prompt": "Name a prime:", "chosen": " 7", "rejected": " 8", "responses": None},
+            {"prompt": "Name a prime:", "chosen": None, "rejected": None, "responses": [" 7", " 9", " 10"]},
+        ]
+    )
+    with pytest.raises(
+        PreferenceDataError, match=r"<train dataset>, source_line 1, field 'responses': .* 3 responses"
+    ):
+        _trainer(tiny_model_path, tmp_path / "sigmoid", dataset=rows)
+    trainer = _trainer(tiny_model_path, tmp_path / "pl", dataset=rows, loss_type="plackett_luce")
+    assert len(trainer.train_dataset) == 2
