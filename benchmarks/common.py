@@ -198,6 +198,25 @@ class RunSpec:
     extra: dict = field(default_factory=dict)
 
 
+def make_spec(args, model_dir, shape, data, batch_size: int, max_length: int, **fields) -> RunSpec:
+    """A RunSpec with what every benchmark sets alike: device, threads and seed from the command line, and
+    bf16 compute on CUDA (fp32 on CPU). `fields` gives the rest (impl, steps, label, ...)."""
+    on_cuda = args.device == "cuda"
+    return RunSpec(
+        model_dir=str(model_dir),
+        shape=asdict(shape),
+        data=asdict(data),
+        batch_size=batch_size,
+        max_length=max_length,
+        device=args.device,
+        threads=args.threads,
+        seed=args.seed,
+        bf16=on_cuda,
+        compute_dtype="bfloat16" if on_cuda else "float32",
+        **fields,
+    )
+
+
 # --------------------------------------------------------------------------------------------- memory
 def _proc_status_kib(key: str) -> int | None:
     try:
@@ -353,12 +372,12 @@ def _lora_config(spec: RunSpec):
     )
 
 
-def _build_hf(spec: RunSpec, dataset, output_dir: str):
-    from hf_dpo.config import DPOConfig, ModelArguments
+def load_hf_model(spec: RunSpec):
+    """The spec's model folder in 4-bit NF4 with a fresh LoRA (dropout 0), as hf_dpo loads it."""
+    from hf_dpo.config import ModelArguments
     from hf_dpo.modeling import load_model
-    from hf_dpo.trainer import DPOTrainer
 
-    loaded = load_model(
+    return load_model(
         ModelArguments(
             model_name_or_path=spec.model_dir,
             load_in_4bit=True,
@@ -372,6 +391,13 @@ def _build_hf(spec: RunSpec, dataset, output_dir: str):
         use_cpu=spec.device == "cpu",
         gradient_checkpointing=spec.gradient_checkpointing,
     )
+
+
+def _build_hf(spec: RunSpec, dataset, output_dir: str):
+    from hf_dpo.config import DPOConfig
+    from hf_dpo.trainer import DPOTrainer
+
+    loaded = load_hf_model(spec)
     args = DPOConfig(
         **_training_args_common(spec, output_dir),
         beta=spec.beta,
@@ -449,23 +475,8 @@ def _build_plain(spec: RunSpec, dataset, output_dir: str, lean: bool = False):
     from transformers import Trainer, TrainingArguments
 
     from hf_dpo.collator import PreferenceCollator
-    from hf_dpo.config import ModelArguments
-    from hf_dpo.modeling import load_model
 
-    loaded = load_model(
-        ModelArguments(
-            model_name_or_path=spec.model_dir,
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=spec.compute_dtype,
-            lora_r=spec.lora_r,
-            lora_alpha=spec.lora_alpha,
-            lora_dropout=0.0,
-            attn_implementation=spec.extra.get("attn_implementation"),
-        ),
-        use_cpu=spec.device == "cpu",
-        gradient_checkpointing=spec.gradient_checkpointing,
-    )
+    loaded = load_hf_model(spec)
     inner = PreferenceCollator(pad_token_id=loaded.tokenizer.pad_token_id)
 
     def collate(features):

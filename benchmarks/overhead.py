@@ -80,7 +80,6 @@ def main(argv=None) -> int:
         return main_interleaved(args)
     args.repeat = args.repeat or 5
     shape = common.SHAPES[args.shape]
-    on_cuda = args.device == "cuda"
     batch = args.batch_size or shape.batch_size
     max_length = args.max_length or shape.max_length
     steps = args.steps or DEFAULT_STEPS.get(shape.name, 10)
@@ -94,21 +93,17 @@ def main(argv=None) -> int:
 
         def spec(name: str, label: str, n_steps: int = steps, warmup: int = args.warmup_steps):
             impl, precompute, _ = CONFIGS[name]
-            return common.RunSpec(
+            return common.make_spec(
+                args,
+                model_dir,
+                shape,
+                data,
+                batch,
+                max_length,
                 impl=impl,
-                model_dir=str(model_dir),
-                shape=asdict(shape),
-                data=asdict(data),
-                batch_size=batch,
-                max_length=max_length,
                 steps=n_steps,
                 warmup_steps=warmup,
-                device=args.device,
-                threads=args.threads,
-                seed=args.seed,
                 precompute_ref_log_probs=precompute,
-                bf16=on_cuda,
-                compute_dtype="bfloat16" if on_cuda else "float32",
                 label=label,
             )
 
@@ -151,12 +146,7 @@ def report(args, shape, batch, max_length, steps, results) -> str:
             f"{common.spread(paired)} | {ratio_lean:.2f} | {common.spread(paired_lean)} | {target} |"
         )
         if limit:
-            met = ratio <= limit[0]
-            verdicts.append(
-                f"- {label}: {ratio:.2f}x the plain step, target <= {limit[0]:.2f}: **{'met' if met else 'missed'}**"
-                + ("" if met else f" by {ratio - limit[0]:.2f}")
-                + f"; {ratio_lean:.2f}x the completion-only plain step (physical limit ~{limit[1]:.2f})."
-            )
+            verdicts.append(_verdict(label, ratio, ratio_lean, limit))
     tokens_per_step = stats["plain"][0]["tokens_per_step"]
     padding = stats["plain"][0]["padding_fraction"]
     command = " ".join(["OMP_NUM_THREADS=1", "python", "benchmarks/overhead.py", *sys.argv[1:]])
@@ -194,8 +184,7 @@ def interleaved_worker(spec: common.RunSpec) -> dict:
     from transformers import Trainer, TrainingArguments, set_seed
 
     from hf_dpo.collator import PreferenceCollator
-    from hf_dpo.config import DPOConfig, ModelArguments
-    from hf_dpo.modeling import load_model
+    from hf_dpo.config import DPOConfig
     from hf_dpo.trainer import DPOTrainer
 
     on_cuda = spec.device == "cuda"
@@ -204,17 +193,7 @@ def interleaved_worker(spec: common.RunSpec) -> dict:
     rows = common.make_rows(common.DataSpec(**data))
     dataset = common._datasets_for("hf", rows)
     set_seed(spec.seed)
-    loaded = load_model(
-        ModelArguments(
-            model_name_or_path=spec.model_dir,
-            load_in_4bit=True,
-            bnb_4bit_compute_dtype=spec.compute_dtype,
-            lora_r=spec.lora_r,
-            lora_alpha=spec.lora_alpha,
-            lora_dropout=0.0,
-        ),
-        use_cpu=not on_cuda,
-    )
+    loaded = common.load_hf_model(spec)
     model = loaded.model
     out = tempfile.mkdtemp(prefix="hf_dpo_bench_out_")
     common_args = common._training_args_common(spec, out)
@@ -282,9 +261,18 @@ def interleaved_worker(spec: common.RunSpec) -> dict:
     return {"times": times, "warmup_steps": spec.warmup_steps, "tokens": tokens}
 
 
+def _verdict(label: str, ratio: float, ratio_lean: float, limit: tuple[float, float]) -> str:
+    """One report line: the ratio to the plain step against its target, and to the completion-only step."""
+    met = ratio <= limit[0]
+    return (
+        f"- {label}: {ratio:.2f}x the plain step, target <= {limit[0]:.2f}: **{'met' if met else 'missed'}**"
+        + ("" if met else f" by {ratio - limit[0]:.2f}")
+        + f"; {ratio_lean:.2f}x the completion-only plain step (physical limit ~{limit[1]:.2f})."
+    )
+
+
 def main_interleaved(args) -> int:
     shape = common.SHAPES[args.shape]
-    on_cuda = args.device == "cuda"
     batch = args.batch_size or shape.batch_size
     max_length = args.max_length or shape.max_length
     rounds = args.steps or DEFAULT_ROUNDS.get(shape.name, 20)
@@ -298,20 +286,16 @@ def main_interleaved(args) -> int:
         )
         results = []
         for r in range(repeat):
-            spec = common.RunSpec(
+            spec = common.make_spec(
+                args,
+                model_dir,
+                shape,
+                data,
+                batch,
+                max_length,
                 impl="interleaved",
-                model_dir=str(model_dir),
-                shape=asdict(shape),
-                data=asdict(data),
-                batch_size=batch,
-                max_length=max_length,
                 steps=rounds,
                 warmup_steps=args.warmup_steps,
-                device=args.device,
-                threads=args.threads,
-                seed=args.seed,
-                bf16=on_cuda,
-                compute_dtype="bfloat16" if on_cuda else "float32",
                 label=f"process {r + 1}",
             )
             results.append(run_interleaved(spec, scratch))
@@ -384,12 +368,7 @@ def report_interleaved(args, shape, batch, max_length, rounds, repeat, results) 
             f"{common.spread(per_process[name])} | {ratio_lean:.2f} | {target} |"
         )
         if limit:
-            met = ratio <= limit[0]
-            verdicts.append(
-                f"- {label}: {ratio:.2f}x the plain step, target <= {limit[0]:.2f}: **{'met' if met else 'missed'}**"
-                + ("" if met else f" by {ratio - limit[0]:.2f}")
-                + f"; {ratio_lean:.2f}x the completion-only plain step (physical limit ~{limit[1]:.2f})."
-            )
+            verdicts.append(_verdict(label, ratio, ratio_lean, limit))
     command = " ".join(["OMP_NUM_THREADS=1", "python", "benchmarks/overhead.py", *sys.argv[1:]])
     compute = "bf16" if args.device == "cuda" else "fp32"
     return f"""# DPO step vs plain causal-LM step: `{shape.name}` ({args.device}, interleaved)

@@ -19,7 +19,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,7 +66,6 @@ def varied_data(shape: common.Shape, num_rows: int, max_length: int, seed: int) 
 def main(argv=None) -> int:
     args = parse_args(argv)
     shape = common.SHAPES[args.shape]
-    on_cuda = args.device == "cuda"
     batch = args.batch_size or shape.batch_size
     max_length = args.max_length or shape.max_length
     steps = args.steps or DEFAULT_STEPS.get(shape.name, 10)
@@ -78,22 +76,18 @@ def main(argv=None) -> int:
         data = varied_data(shape, batch * (args.warmup_steps + steps), max_length, args.seed)
 
         def spec(packed: bool, label: str, n_steps: int = steps, warmup: int = args.warmup_steps):
-            return common.RunSpec(
+            return common.make_spec(
+                args,
+                model_dir,
+                shape,
+                data,
+                batch,
+                max_length,
                 impl="hf",
-                model_dir=str(model_dir),
-                shape=asdict(shape),
-                data=asdict(data),
-                batch_size=batch,
-                max_length=max_length,
                 steps=n_steps,
                 warmup_steps=warmup,
-                device=args.device,
-                threads=args.threads,
-                seed=args.seed,
                 precompute_ref_log_probs=args.reference == "precomputed",
                 padding_free=packed,
-                bf16=on_cuda,
-                compute_dtype="bfloat16" if on_cuda else "float32",
                 label=label,
                 extra={"attn_implementation": args.attn} if args.attn else {},
             )

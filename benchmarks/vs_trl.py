@@ -22,7 +22,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -95,22 +94,18 @@ def run_shape(args, shape: common.Shape, scratch: Path) -> str:
     checkpointing = args.gradient_checkpointing if args.gradient_checkpointing is not None else on_cuda
 
     def spec(impl: str, label: str, n_steps: int = steps, warmup: int = args.warmup_steps) -> common.RunSpec:
-        return common.RunSpec(
+        return common.make_spec(
+            args,
+            model_dir,
+            shape,
+            data,
+            batch,
+            max_length,
             impl=impl,
-            model_dir=str(model_dir),
-            shape=asdict(shape),
-            data=asdict(data),
-            batch_size=batch,
-            max_length=max_length,
             steps=n_steps,
             warmup_steps=warmup,
-            device=args.device,
-            threads=args.threads,
-            seed=args.seed,
             precompute_ref_log_probs=args.reference == "precomputed",
             gradient_checkpointing=checkpointing,
-            bf16=on_cuda,
-            compute_dtype="bfloat16" if on_cuda else "float32",
             trl_lora_dtype=trl_lora,
             label=label,
         )
