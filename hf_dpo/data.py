@@ -980,10 +980,10 @@ def check_pairs_for_loss(
     responses (ranked data). Works on normalised (`completions`) and tokenised (`completion_input_ids`) rows."""
     import pyarrow.compute as pc
 
-    from .losses import PAIRWISE_LOSSES
+    from .losses import accepts_ranked
 
     column = "completions" if "completions" in dataset.column_names else "completion_input_ids"
-    if loss_type not in PAIRWISE_LOSSES or column not in dataset.column_names or len(dataset) == 0:
+    if accepts_ranked(loss_type) or column not in dataset.column_names or len(dataset) == 0:
         return
     arrow = dataset.select_columns([column, "source_line"]).with_format("arrow")
     for batch in arrow.iter(batch_size=10_000):

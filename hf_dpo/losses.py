@@ -195,6 +195,12 @@ def plackett_luce_loss(
     return losses, rewards
 
 
+def accepts_ranked(loss_type: str | list[str] | tuple[str, ...]) -> bool:
+    """True if every named loss can train on rows with K > 2 ranked responses (the others need pairs)."""
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    return all(name == "plackett_luce" for name in names)
+
+
 PAIRWISE_LOSSES: dict[str, Callable[..., LossOutput]] = {
     "sigmoid": sigmoid_loss,
     "ipo": ipo_loss,

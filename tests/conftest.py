@@ -2,7 +2,8 @@
 
 Every cache the tests touch (hf_dpo's, datasets', the Hub client's) lives in one temporary folder for the
 session, set before any library reads its environment, so tests never write to ~/.cache and never reach
-the network.
+the network. Nothing from the user's shell leaks in: Hub variables (offline mode, token, endpoint, xet)
+are removed here, and a test that needs one sets it itself (the fake Hub fixture does for its tests).
 """
 
 from __future__ import annotations
@@ -16,7 +17,23 @@ os.environ["HF_HOME"] = os.path.join(_SESSION_CACHE, "hf_home")
 os.environ["HF_DATASETS_CACHE"] = os.path.join(_SESSION_CACHE, "datasets")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
-os.environ.pop("HF_TOKEN", None)
+# The user's shell may hold any of these (HF_HUB_OFFLINE=1 on air-gapped clusters, a real token, a mirror).
+for _name in (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_TOKEN_PATH",
+    "HF_ENDPOINT",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HUB_DISABLE_XET",
+    "HF_HUB_ENABLE_HF_TRANSFER",
+    "ACCELERATE_CONFIG_FILE",
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+):
+    os.environ.pop(_name, None)
 
 import pytest  # noqa: E402
 
