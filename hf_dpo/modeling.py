@@ -4,6 +4,7 @@ trainer the reference policy as a context on the same model."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -247,7 +248,15 @@ _LOGIT_POSTPROCESSING_ATTRS = (
 
 
 def fusable_lm_head(model: nn.Module) -> nn.Linear | None:
-    """The plain Linear LM head whose input the trainer may take instead of the logits, or None."""
+    """The plain Linear LM head whose input the trainer may take instead of the logits, or None.
+
+    The trainer applies the head's weight itself, after the model's forward. That is only right when the weight
+    is a whole, local tensor outside the forward: never under DeepSpeed ZeRO-3 (a weight exists only inside its
+    module's forward) or FSDP (a shard, a DTensor or a view into a flat parameter, depending on the version and on
+    whether the root resharded after forward), so the real logits are used there.
+    """
+    if is_deepspeed_zero3_enabled() or _is_sharded(model):
+        return None
     inner = unwrap(model)
     config = getattr(inner, "config", None)
     if config is not None and any(
@@ -255,9 +264,53 @@ def fusable_lm_head(model: nn.Module) -> nn.Linear | None:
     ):
         return None
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if type(head) is not nn.Linear:  # a LoRA-wrapped or quantised head: use real logits
+    if type(head) is not nn.Linear:  # a LoRA-wrapped, quantised or FSDP2-wrapped head: use real logits
+        return None
+    if _is_sharded_tensor(head.weight) or (head.bias is not None and _is_sharded_tensor(head.bias)):
         return None
     return head
+
+
+@functools.cache
+def _fsdp_module_types() -> tuple[type, ...]:
+    """FSDP1's wrapper class and FSDP2's `fully_shard` marker class, where this torch build has them."""
+    types: list[type] = []
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        types.append(FullyShardedDataParallel)
+    except ImportError:  # a torch build without distributed support
+        return ()
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6 keeps it under _composable
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            FSDPModule = None
+    if FSDPModule is not None:
+        types.append(FSDPModule)
+    return tuple(types)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """True if FSDP (a FullyShardedDataParallel wrapper, or `fully_shard`) manages any part of `model`."""
+    types = _fsdp_module_types()
+    return bool(types) and any(isinstance(module, types) for module in model.modules())
+
+
+def _is_sharded_tensor(tensor: torch.Tensor) -> bool:
+    """A DTensor (FSDP2, tensor parallel), an FSDP1 flat parameter, or a DeepSpeed ZeRO-3 partitioned one."""
+    if hasattr(tensor, "ds_id") or type(tensor).__name__ == "FlatParameter":
+        return True
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5, or no distributed support
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return False
+    return isinstance(tensor, DTensor)
 
 
 @contextlib.contextmanager

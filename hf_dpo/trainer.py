@@ -17,7 +17,6 @@ from collections import defaultdict
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 from .attention import use_varlen_attention
 from .collator import PreferenceCollator
@@ -199,8 +198,7 @@ class DPOTrainer(Trainer):
                     forward_kwargs[key] = inputs[key]
         else:
             forward_kwargs["attention_mask"] = inputs["attention_mask"]
-        # Under DeepSpeed ZeRO-3 a weight exists only inside its module's forward: no fused head then.
-        head = None if is_deepspeed_zero3_enabled() else fusable_lm_head(model)
+        head = fusable_lm_head(model)  # None under ZeRO-3 and FSDP: the real logits are used there
         with lm_head_returns_hidden_states(head) if head is not None else contextlib.nullcontext():
             outputs = model(**forward_kwargs)
         common = dict(
