@@ -134,7 +134,9 @@ def run(args) -> dict | None:
             logged = trainer.state.log_history[-1]
             logs.append({k: logged[k] for k in ("step", "loss", "grad_norm", *METRIC_NAMES)})
 
-        adapter = {name: full(p.detach()).cpu().tolist() for name, p in model.named_parameters() if "lora_" in name}
+        adapter = {
+            name: full(p.detach()).cpu().tolist() for name, p in model.named_parameters() if "lora_" in name
+        }
     report = {
         "world_size": world,
         "sharded": sharded,

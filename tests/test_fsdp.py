@@ -141,12 +141,16 @@ def test_two_process_fsdp2_gives_the_metrics_and_adapter_of_one_process(tiny_mod
     assert [e["step"] for e in one["logs"]] == [e["step"] for e in two["logs"]] == [1, 2, 3, 4]
     assert one["logs"][0]["loss"] == pytest.approx(0.6931472, abs=1e-6)  # a fresh adapter: ln 2
     metric_diff = max(
-        abs(a[k] - b[k]) for a, b in zip(one["logs"], two["logs"]) for k in ("loss", "grad_norm", *METRIC_NAMES)
+        abs(a[k] - b[k])
+        for a, b in zip(one["logs"], two["logs"])
+        for k in ("loss", "grad_norm", *METRIC_NAMES)
     )
     a = {k: torch.tensor(v) for k, v in one["adapter"].items()}
     b = {k: torch.tensor(v) for k, v in two["adapter"].items()}
     assert a.keys() == b.keys() and a
     adapter_diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(f"FSDP2 2 processes vs 1: max abs difference {metric_diff:.2e} in metrics, {adapter_diff:.2e} in adapter")
+    print(
+        f"FSDP2 2 processes vs 1: max abs difference {metric_diff:.2e} in metrics, {adapter_diff:.2e} in adapter"
+    )
     assert metric_diff <= TOLERANCE and adapter_diff <= TOLERANCE
     assert min(a[k].abs().max().item() for k in a if "lora_B" in k) > 10 * TOLERANCE  # lora_B starts at 0
