@@ -75,12 +75,18 @@ def run(args) -> dict | None:
     from hf_dpo.config import DPOConfig, ModelArguments
     from hf_dpo.data import bundled_data_path, load_preference_data
     from hf_dpo.modeling import fusable_lm_head, load_model
+    from hf_dpo.tiny import resolve_model_path
     from hf_dpo.trainer import METRIC_NAMES, DPOTrainer
 
+    if sharded and rank > 0:
+        dist.barrier()  # rank 0 builds the tiny model (if asked for) first; the others then read its files
+    model_path = resolve_model_path(args.model)
+    if sharded and rank == 0:
+        dist.barrier()
     torch.manual_seed(args.seed)  # the same fresh LoRA on every rank and in the one-process run
     loaded = load_model(
         ModelArguments(
-            model_name_or_path=args.model, load_in_4bit=False, lora_r=4, lora_alpha=8, lora_dropout=0.0
+            model_name_or_path=model_path, load_in_4bit=False, lora_r=4, lora_alpha=8, lora_dropout=0.0
         ),
         use_cpu=args.device == "cpu",
     )
