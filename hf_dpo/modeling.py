@@ -294,9 +294,20 @@ def _fsdp_module_types() -> tuple[type, ...]:
 
 
 def _is_sharded(model: nn.Module) -> bool:
-    """True if FSDP (a FullyShardedDataParallel wrapper, or `fully_shard`) manages any part of `model`."""
+    """True if FSDP (a FullyShardedDataParallel wrapper, or `fully_shard`) manages `model` or a module between it
+    and its LM head: the wrappers, the peft model and its base model (the head's parent). FSDP on modules that do
+    not hold the head (e.g. only the decoder layers) leaves the head's weight a plain tensor. A few isinstance
+    checks: this runs at every forward."""
     types = _fsdp_module_types()
-    return bool(types) and any(isinstance(module, types) for module in model.modules())
+    if not types:
+        return False
+    chain = [model]
+    while isinstance(getattr(chain[-1], "module", None), nn.Module):
+        chain.append(chain[-1].module)
+    inner = chain[-1]
+    if hasattr(inner, "get_base_model"):  # a peft model: PeftModel -> LoraModel -> the causal LM
+        chain += [inner.base_model, inner.get_base_model()]
+    return any(isinstance(module, types) for module in chain)
 
 
 def _is_sharded_tensor(tensor: torch.Tensor) -> bool:

@@ -67,8 +67,20 @@ def test_fusable_lm_head_is_none_for_fsdp2_wrapped_models(one_process_group):
     assert fusable_lm_head(head_only) is None
 
     layers_only = build_tiny_model(vocab_size=64)
-    fully_shard(layers_only.model.layers[0])  # FSDP manages part of the model, not the head: still refused
-    assert fusable_lm_head(layers_only) is None
+    fully_shard(layers_only.model.layers[0])  # FSDP manages a layer, not the head: its weight stays whole
+    assert not isinstance(layers_only.lm_head.weight, DTensor)
+    assert fusable_lm_head(layers_only) is layers_only.lm_head
+
+
+def test_fusable_lm_head_sees_fsdp2_around_a_peft_model(one_process_group, tiny_model_path):
+    """accelerate shards the model it is given: for hf_dpo, the peft model (the root of the chain to the head)."""
+    from torch.distributed.fsdp import fully_shard
+    from trainer_helpers import load
+
+    model = load(tiny_model_path, load_in_4bit=False).model
+    assert fusable_lm_head(model) is not None
+    fully_shard(model)
+    assert fusable_lm_head(model) is None
 
 
 def test_fusable_lm_head_is_none_for_a_dtensor_head_weight(one_process_group):
