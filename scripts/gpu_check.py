@@ -956,9 +956,8 @@ def speed_args(plan: Plan):
     return argparse.Namespace(device=plan.device, threads=plan.threads, seed=plan.seed)
 
 
-def check_speed(plan: Plan, scratch: Path, reference: str) -> dict:
-    """hf_dpo and TRL on the same model folder, rows, LoRA, batch, length and steps; each run a fresh process
-    (benchmarks/common.py). Gradient checkpointing on for both on CUDA (TRL's default), off on CPU."""
+def speed_specs(plan: Plan, scratch: Path, reference: str) -> dict:
+    """The RunSpecs of hf_dpo and TRL for one reference mode (live: hf_dpo first; precomputed: TRL first)."""
     model_dir = build_model_dir(plan.speed_shape, scratch, plan.seed)
     steps, warmup = plan.speed_steps, plan.speed_warmup
     data = common.default_data_spec(
@@ -967,7 +966,7 @@ def check_speed(plan: Plan, scratch: Path, reference: str) -> dict:
         max_length=plan.speed_max_length,
         seed=plan.seed,
     )
-    specs = {
+    return {
         impl: common.make_spec(
             speed_args(plan),
             model_dir,
@@ -985,13 +984,24 @@ def check_speed(plan: Plan, scratch: Path, reference: str) -> dict:
         )
         for impl in (("hf", "trl") if reference == "live" else ("trl", "hf"))
     }
-    results = {}
-    for impl, spec in specs.items():
-        if plan.isolate:
-            results[impl] = common.run_subprocess(spec, scratch / "speed")
-        else:
-            results[impl] = common.run_worker(spec)
-            release_memory()
+
+
+def measure(plan: Plan, spec, scratch: Path) -> dict:
+    """One measured run: in a fresh process (benchmarks/common.run_subprocess) or, in the smoke run, here."""
+    if plan.isolate:
+        return common.run_subprocess(spec, scratch / "speed")
+    try:
+        return common.run_worker(spec)
+    finally:
+        release_memory()
+
+
+def check_speed(plan: Plan, scratch: Path, reference: str) -> dict:
+    """hf_dpo and TRL on the same model folder, rows, LoRA, batch, length and steps; each run a fresh process
+    (benchmarks/common.py). Gradient checkpointing on for both on CUDA (TRL's default), off on CPU."""
+    results = {
+        impl: measure(plan, spec, scratch) for impl, spec in speed_specs(plan, scratch, reference).items()
+    }
     stats = {impl: common.run_stats(r) for impl, r in results.items()}
     first_loss = {
         impl: next(e["loss"] for e in r["log_history"] if "loss" in e) for impl, r in results.items()
@@ -1016,7 +1026,7 @@ def check_speed(plan: Plan, scratch: Path, reference: str) -> dict:
         "shape": plan.speed_shape.name,
         "batch_size": plan.speed_batch,
         "max_length": plan.speed_max_length,
-        "steps": steps,
+        "steps": plan.speed_steps,
         "hf_dpo": figures["hf"],
         "trl": figures["trl"],
         "tokens_per_s_ratio": speed,
@@ -1149,38 +1159,37 @@ def longest_worker(config_path: str) -> int:
     return 0
 
 
-def check_longest(plan: Plan, scratch: Path, seconds: float) -> dict:
-    """hf_dpo and TRL, each searched in its own process under the same memory budget and time share."""
+def search_in_worker(plan: Plan, scratch: Path, impl: str, seconds: float) -> dict:
+    """One implementation's longest-sequence search (longest_worker), in its own process unless the smoke run."""
     model_dir = build_model_dir(plan.speed_shape, scratch, plan.seed)
-    impls = ("hf", "trl")
-    share = seconds / len(impls)
     fields = dict(device=plan.device, threads=plan.threads, seed=plan.seed, search_start=plan.search_start,
                   search_cap=plan.search_cap, search_granularity=plan.search_granularity)  # fmt: skip
+    out = scratch / f"longest_{impl}.json"
+    config = {
+        "impl": impl, "plan": fields, "shape": dataclasses.asdict(plan.speed_shape), "model_dir": str(model_dir),
+        "memory_budget_gib": plan.memory_budget_gib, "out": str(out), "deadline": time.time() + seconds,
+    }  # fmt: skip
+    config_path = scratch / f"longest_{impl}.config.json"
+    config_path.write_text(json.dumps(config))
+    log = scratch / f"longest_{impl}.log"
+    if not plan.isolate:
+        longest_worker(str(config_path))
+    else:
+        # On a timeout the partial JSON says how far it got.
+        with open(log, "w") as handle, contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run([sys.executable, __file__, "--longest-worker", str(config_path)], cwd=REPO,
+                           env=common.worker_env(plan.threads), stdout=handle, stderr=subprocess.STDOUT,
+                           timeout=seconds + 120)  # fmt: skip
+    if not out.exists():
+        raise RuntimeError(
+            f"the {impl} search wrote nothing:\n{log.read_text()[-3000:] if log.exists() else ''}"
+        )
+    return json.loads(out.read_text())
 
-    def search(impl: str) -> dict:
-        out = scratch / f"longest_{impl}.json"
-        config = {
-            "impl": impl, "plan": fields, "shape": dataclasses.asdict(plan.speed_shape), "model_dir": str(model_dir),
-            "memory_budget_gib": plan.memory_budget_gib, "out": str(out), "deadline": time.time() + share,
-        }  # fmt: skip
-        config_path = scratch / f"longest_{impl}.config.json"
-        config_path.write_text(json.dumps(config))
-        log = scratch / f"longest_{impl}.log"
-        if not plan.isolate:
-            longest_worker(str(config_path))
-        else:
-            # On a timeout the partial JSON says how far it got.
-            with open(log, "w") as handle, contextlib.suppress(subprocess.TimeoutExpired):
-                subprocess.run([sys.executable, __file__, "--longest-worker", str(config_path)], cwd=REPO,
-                               env=common.worker_env(plan.threads), stdout=handle, stderr=subprocess.STDOUT,
-                               timeout=share + 120)  # fmt: skip
-        if not out.exists():
-            raise RuntimeError(
-                f"the {impl} search wrote nothing:\n{log.read_text()[-3000:] if log.exists() else ''}"
-            )
-        return json.loads(out.read_text())
 
-    found = {impl: search(impl) for impl in impls}
+def check_longest(plan: Plan, scratch: Path, seconds: float) -> dict:
+    """hf_dpo and TRL, each searched in its own process under the same memory budget and half the time."""
+    found = {impl: search_in_worker(plan, scratch, impl, seconds / 2) for impl in ("hf", "trl")}
     ok = all(f.get("longest") and not any(r["outcome"] == "error" for r in f["runs"]) for f in found.values())
 
     def describe(f):

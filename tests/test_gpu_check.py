@@ -141,6 +141,24 @@ def test_smoke_fsdp_figures(smoke):
     assert two_gpus["status"] == "skipped" and two_gpus["reason"].startswith("needs 2 GPUs")
 
 
+@pytest.mark.slow
+def test_the_fresh_process_paths_of_the_gpu_run(tmp_path):
+    """What the GPU run does in fresh processes and the smoke run in-process: a measured run through
+    benchmarks/common.run_subprocess, and a length search through `gpu_check.py --longest-worker`."""
+    gpu_check = load_gpu_check()
+    plan = gpu_check.make_plan(gpu_check.parse_args(["--device", "cpu", "--smoke"]))
+    plan.isolate, plan.speed_steps, plan.search_cap = True, 1, 20
+    spec = gpu_check.speed_specs(plan, tmp_path, "live")["hf"]
+    measured = gpu_check.measure(plan, spec, tmp_path)
+    assert measured["impl"] == "hf" and len(measured["step_times"]) == plan.speed_warmup + 1
+    assert measured["wall_s"] > 0  # set by run_subprocess only
+    found = gpu_check.search_in_worker(plan, tmp_path, "hf", seconds=300)
+    # 16 fits; 32 is above the cap of 20; bisection tries 24 (above it too) and stops: 24 - 16 <= granularity 8
+    assert [t["length"] for t in found["tries"]] == [16, 32, 24]
+    assert [(r["length"], r["outcome"]) for r in found["runs"]] == [(16, "fits")]
+    assert (tmp_path / "longest_hf.log").exists()  # the worker's own output: it ran as a process
+
+
 # ------------------------------------------------------------------------------ the machinery, in-process
 
 
