@@ -23,7 +23,12 @@ of value; each check is guarded, so a failure is recorded and the next check sti
    FSDP2 run against one process.
 
 The JSON (--out) is rewritten after every check, so a run cut short still leaves what it found. Exit code 0 when
-no check failed or raised.
+no check failed or raised. --time_budget_s (default 450) bounds stages 3-4: the search gets what stages 1-2 left.
+
+The smoke run calls the same functions at toy sizes in fp32 (--dtype bfloat16 runs the bf16 paths on CPU), and
+in-process where the GPU run starts a fresh process per measurement (tests/test_gpu_check.py runs those process
+paths on CPU too). Written without a GPU: the CUDA-only branches (memory figures, flash-attention, paged
+optimizer states, FSDP over GPUs) have not run yet.
 """
 
 from __future__ import annotations
