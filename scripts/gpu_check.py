@@ -684,7 +684,9 @@ def check_paged_adamw_8bit(plan: Plan, ctx) -> dict:
         described[optim] = (
             f"{type(optimizer).__module__}.{type(optimizer).__name__} (states {', '.join(state_dtypes)})"
         )
-        paged[optim] = bool(getattr(optimizer, "is_paged", False))
+        # bitsandbytes marks the state buffers it put in paged (unified) memory: on CUDA those of tensors of
+        # 100,000 elements or more (LoRA r 16 on the 0.5B shape has none); on CPU none (it falls back).
+        paged[optim] = (sum(bool(getattr(s.get("state1"), "is_paged", False)) for s in states), len(states))
         deltas[optim] = torch.cat(
             [(p.detach() - start[k]).float().flatten() for k, p in model.named_parameters() if k in start]
         )
@@ -702,9 +704,10 @@ def check_paged_adamw_8bit(plan: Plan, ctx) -> dict:
         "status": verdict(ok),
         "update_relative_difference": error,
         "optimizers": described,
-        "paged": paged["paged_adamw_8bit"],  # bitsandbytes pages on CUDA only
+        "paged_state_tensors": paged["paged_adamw_8bit"][0],
+        "state_tensors": paged["paged_adamw_8bit"][1],
         "base_weights_moved": base_moved,
-        "summary": f"{described['paged_adamw_8bit']}: update vs torch AdamW rel {error:.1e}, base weights unchanged {not base_moved}",
+        "summary": f"{described['paged_adamw_8bit']}, {paged['paged_adamw_8bit'][0]} of {paged['paged_adamw_8bit'][1]} paged: update vs torch AdamW rel {error:.1e}, base weights unchanged {not base_moved}",
     }
 
 
