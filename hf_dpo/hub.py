@@ -486,3 +486,12 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
         with contextlib.suppress(ImportError, AttributeError):
             classes.append(importlib.import_module(module).TransportError)
     return tuple(classes)
+
+
+def push_folder(output_dir, repo_id, **kwargs) -> str:  # TEMPORARY until the hub rewrite lands
+    if kwargs.get("commit_message") is None:
+        kwargs.pop("commit_message", None)
+    return push_output_dir(output_dir, repo_id, **kwargs)
+
+
+push_run = push_folder
