@@ -7,6 +7,7 @@ import contextlib
 import copy
 import logging
 import os
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -121,7 +122,8 @@ def load_model(
         if peft_config is not None:
             raise ValueError("give adapter_name_or_path (an adapter to continue) or peft_config, not both")
         _prepare_kbit(model, gradient_checkpointing, gradient_checkpointing_kwargs)
-        model = PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
+        with _peft_reads_a_deprecated_property():
+            model = PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
     else:
         model = attach_adapter(
             model,
@@ -172,7 +174,19 @@ def attach_adapter(model: nn.Module, peft_config, gradient_checkpointing=False, 
             "peft_config, or the PeftModel without it"
         )
     _prepare_kbit(model, gradient_checkpointing, checkpointing_kwargs)
-    return get_peft_model(model, peft_config)
+    with _peft_reads_a_deprecated_property():
+        return get_peft_model(model, peft_config)
+
+
+@contextlib.contextmanager
+def _peft_reads_a_deprecated_property() -> Iterator[None]:
+    """peft (0.21) wraps a model by reading transformers' deprecated `is_gradient_checkpointing`, which warns
+    on every run; nothing a user could change would stop it. Only that one warning, only around peft's call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def prepare_model(model: nn.Module, args, *, is_reference: bool = False) -> nn.Module:

@@ -21,13 +21,18 @@ finished but the push failed; 5 a file could not be written (disk full, permissi
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shlex
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import datasets
 import transformers
 from transformers import HfArgumentParser, set_seed
 
+from .callbacks import SaveError, resolve_resume_checkpoint
 from .cli import UsageError, run_guarded, usage_errors
 from .config import DataArguments, DPOConfig, ModelArguments
 from .data import bundled_data_path, check_pairs_for_loss, load_preference_data
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = HfArgumentParser((ModelArguments, DataArguments, DPOConfig))
         model_args, data_args, training_args = parse_args(parser, argv)
         check_report_to(training_args.report_to)
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
         setup_logging(training_args)
         set_seed(training_args.seed)
 
@@ -87,29 +93,43 @@ def main(argv: list[str] | None = None) -> int:
         )
         trainer.datasets_used = [dataset_name]
 
-    # 5. Train (resuming from the last complete checkpoint if asked), then save the metrics.
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.log_metrics("train", train_result.metrics)
-    trainer.save_metrics("train", train_result.metrics)
+    with resume_hint(argv):  # a full disk while saving: exit 5 with the command that resumes
+        # 5. Train (resuming from the last complete checkpoint if asked), then save the metrics.
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
 
-    # 6. Evaluate on the held-out split.
-    if trainer.eval_dataset is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+        # 6. Evaluate on the held-out split.
+        if trainer.eval_dataset is not None:
+            metrics = trainer.evaluate()
+            trainer.log_metrics("eval", metrics)
+            trainer.save_metrics("eval", metrics)
 
-    # 7. Save the adapter, tokenizer and model card (README.md + training_curves.png); trainer_state.json holds
-    # the whole log history. With push_to_hub, save_model publishes it all (HubPushError -> exit 4).
-    trainer.save_state()
-    if trainer.hub_push_failures:
-        print(
-            f"warning: {len(trainer.hub_push_failures)} push(es) failed:",
-            *trainer.hub_push_failures,
-            sep="\n  ",
-        )
-    trainer.save_model(training_args.output_dir)
+        # 7. Save the adapter, tokenizer and model card (README.md + training_curves.png); trainer_state.json
+        # holds the whole log history. With push_to_hub, save_model publishes it all (HubPushError -> exit 4).
+        trainer.save_state()
+        for failure in trainer.hub_push_failures:
+            print(f"warning: a push failed: {failure}", file=sys.stderr)
+        trainer.save_model(training_args.output_dir)
     logger.info("adapter, tokenizer and model card saved in %s", training_args.output_dir)
     return 0
+
+
+@contextlib.contextmanager
+def resume_hint(argv: list[str]) -> Iterator[None]:
+    """Add the exact command that resumes the run to a SaveError's message."""
+    try:
+        yield
+    except SaveError as err:
+        if err.last_checkpoint is None:
+            raise
+        program = sys.argv[0]
+        command = ["python", program] if program.endswith(".py") else [Path(program).name, "train"]
+        command += [arg for arg in argv if arg != "--resume_from_checkpoint"] + [
+            "--resume_from_checkpoint",
+            "true",
+        ]
+        raise SaveError(f"{err} Resume with: {shlex.join(command)}", err.last_checkpoint) from err
 
 
 def setup_logging(training_args: DPOConfig) -> None:
