@@ -35,10 +35,10 @@ def cmd_push(args: argparse.Namespace) -> int:
     if not (output_dir / "adapter_config.json").is_file():
         print(f"error: {output_dir} holds no adapter_config.json: not a finished hf_dpo run", file=sys.stderr)
         return 2
-    from .hub import HubPushError, PushRefusedError, push_output_dir  # no torch: a push starts in a second
+    from .hub import HubPushError, PushRefusedError, push_run  # no torch: a push starts in a second
 
     try:
-        url = push_output_dir(
+        url = push_run(
             output_dir, args.repo_id, token=args.token, private=args.private, revision=args.revision
         )
     except PushRefusedError as err:  # nothing was sent: a bad repo id, a token in a file, ...

@@ -6,7 +6,6 @@ that fails never takes local artifacts with it: the caller reports the retry com
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -14,9 +13,6 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
-
-CURVES_FILE = "training_curves.png"
-RUN_INFO_FILE = "hf_dpo_run.json"  # settings the card needs when `hf-dpo push` re-renders it later
 
 
 def training_settings(trainer) -> dict:
@@ -28,7 +24,6 @@ def training_settings(trainer) -> dict:
         "beta": args.beta,
         "label_smoothing": args.label_smoothing,
         "reference_free": args.reference_free,
-        "reference": info.get("reference", "base model with the LoRA adapter disabled"),
         "logp_reduction": args.logp_reduction,
         "learning_rate": args.learning_rate,
         "lr_scheduler_type": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
@@ -75,28 +70,22 @@ def _model_name(model) -> str:
 
 def write_run_card(trainer, output_dir: str | os.PathLike) -> Path:
     """Render README.md (and training_curves.png) into `output_dir` from the trainer's state."""
-    from .model_card import plot_training_curves, write_model_card
+    from .card import write_card
+    from .curves import plot_training_curves
 
     output_dir = Path(output_dir)
-    curves = plot_training_curves(trainer.state.log_history, output_dir / CURVES_FILE)
+    plot_training_curves(trainer.state.log_history, output_dir)
     info = trainer.run_info
-    card_inputs = {
+    inputs = {
         "base_model": info.get("base_model") or _model_name(trainer.model),
         "datasets": list(info.get("datasets", [])),
         "training": training_settings(trainer),
         "results": final_results(trainer.state.log_history),
         "hub_model_id": trainer.args.hub_model_id,
         "license": info.get("license"),
-        "model_name": output_dir.resolve().name,  # the title, kept if the folder is moved or renamed
+        "reference": info.get("reference"),
     }
-    run = {**card_inputs, "model_card_template": trainer.args.model_card_template}  # for a later re-render
-    (output_dir / RUN_INFO_FILE).write_text(json.dumps(run, indent=2, default=str))
-    return write_model_card(
-        output_dir,
-        **card_inputs,
-        template_path=trainer.args.model_card_template,
-        curves_image=CURVES_FILE if curves else None,  # relative to the card
-    )
+    return write_card(output_dir, inputs, template_path=trainer.args.model_card_template)
 
 
 def publish(
@@ -111,12 +100,12 @@ def publish(
 ) -> str:
     """Push a finished run's adapter, tokenizer, card and results (into `path_in_repo` if given, else the
     repo root); returns the commit URL, raises hub.HubPushError on failure."""
-    from .hub import push_output_dir
+    from .hub import push_run
 
     kwargs = {"token": token, "private": private, "revision": revision, "path_in_repo": path_in_repo}
     if commit_message:
         kwargs["commit_message"] = commit_message
-    return push_output_dir(output_dir, repo_id, **kwargs)
+    return push_run(output_dir, repo_id, **kwargs)
 
 
 HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")

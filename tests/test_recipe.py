@@ -20,16 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
+from hf_dpo.card import format_value
 from hf_dpo.hub import public_adapter_config
-from hf_dpo.model_card import format_value
-
-try:
-    from hub_server import FakeHub
-except ImportError:  # tests/ imported as a package
-    from tests.hub_server import FakeHub
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -112,13 +107,10 @@ def one_pair(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A fake Hub that accepts TOKEN, as the Hub every in-process push goes to; no login of our own."""
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
-    with FakeHub(tokens=[TOKEN]) as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)  # HfApi() reads it when created
-        yield server
+def hub(fake_hub):
+    """The fake Hub (tests/hub_server.py) that every push goes to, accepting TOKEN too."""
+    fake_hub.tokens.add(TOKEN)
+    return fake_hub
 
 
 def flags(output_dir, data, **overrides) -> list[str]:
