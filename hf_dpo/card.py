@@ -138,9 +138,7 @@ def card_variables(output_dir: Path, inputs: Mapping[str, Any]):
     curves = CURVES_FILE if (output_dir / CURVES_FILE).is_file() else None
     name = inputs.get("model_name") or (hub_model_id or "").split("/")[-1] or output_dir.resolve().name
     reference_free = bool(training.get("reference_free"))
-    default_reference = (
-        "none (reference-free)" if reference_free else "base model with the LoRA adapter disabled"
-    )
+    reference = "none (reference-free)" if reference_free else "base model with the LoRA adapter disabled"
     variables = {
         "model_name": local_name(name) if is_local_path(str(name)) else str(name),
         "hub_model_id": hub_model_id,
@@ -151,11 +149,11 @@ def card_variables(output_dir: Path, inputs: Mapping[str, Any]):
         "tags": card_data.tags,
         "qlora": qlora,
         "training": training,
-        "training_cells": {key: _cell(value, key) for key, value in training.items()},
+        "training_cells": {key: format_value(value) for key, value in training.items()},
         "results": results,
         "results_table": _results_table(results),
         "losses": _losses(inputs.get("losses"), training),
-        "reference": str(inputs.get("reference") or default_reference),
+        "reference": str(inputs.get("reference") or reference),
         "reference_free": reference_free,
         "logp_reduction": str(training.get("logp_reduction", "sum")),
         "curves_image": curves,
@@ -188,7 +186,12 @@ def is_hub_id(name: str) -> bool:
 
     from hf_dpo.tiny import TINY_MODEL_NAME
 
-    if not name or name == TINY_MODEL_NAME or is_local_path(name) or Path(name).suffix in _DATA_SUFFIXES:
+    if (
+        not name
+        or name == TINY_MODEL_NAME
+        or is_local_path(name)
+        or Path(name).suffix.lower() in _DATA_SUFFIXES
+    ):
         return False
     try:
         validate_repo_id(name)
@@ -203,7 +206,7 @@ def local_name(name: str) -> str:
 
 
 def format_value(value: Any) -> str:
-    """A compact, exact-enough rendering of a setting or metric for a Markdown table cell."""
+    """A compact, exact-enough rendering of a setting or metric for a Markdown table cell (5e-05, 0.6523)."""
     if isinstance(value, float) and math.isfinite(value):
         if value != 0 and not 1e-3 <= abs(value) < 1e6:
             return f"{value:.4g}"
@@ -212,11 +215,6 @@ def format_value(value: Any) -> str:
     if isinstance(value, (list, tuple, set)):
         return ", ".join(format_value(v) for v in value)
     return str(value).replace("|", "\\|").replace("\n", " ")
-
-
-def _cell(value: Any, key: str) -> str:
-    # Learning rates read better as 5e-05 than as 0.0001 or 0.00005.
-    return f"{value:g}" if key == "learning_rate" and isinstance(value, float) else format_value(value)
 
 
 def _drop_secrets(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -247,12 +245,7 @@ def _losses(losses, training: Mapping[str, Any]) -> list[dict[str, Any]]:
         weights = training.get("loss_weights") or [1.0] * len(names)
         losses = [{"name": name, "weight": weight} for name, weight in zip(names, weights)]
     return [
-        {
-            "name": str(loss.get("name")),
-            "weight": loss.get("weight", 1.0),
-            "paper": loss.get("paper"),
-            "url": loss.get("url"),
-        }
+        {"paper": None, "url": None, **loss, "weight": float(loss.get("weight", 1.0))}
         for loss in map(_public, losses)
     ]
 

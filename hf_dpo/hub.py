@@ -1,11 +1,10 @@
 """Publish a run's output_dir to the Hugging Face Hub: the adapter, tokenizer, model card and results only.
 
-What is pushed is decided here, not by what happens to lie in the folder: only the top-level files that
-match PUSH_PATTERNS go up; optimizer and scheduler states, RNG states, training_args.bin, hf_dpo_run.json and
-the checkpoint-* folders never do. The files are staged (linked) in a temporary folder, with a public
-adapter_config.json and, for `push_run`, the card rendered for the repo; every staged file is scanned for
-the token before any request. The upload itself is `HfApi.upload_folder`, configured by huggingface_hub's
-own settings (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE, HF_HUB_DISABLE_XET...), which hf_dpo never changes.
+Only the top-level files matching PUSH_PATTERNS go up (never optimizer/scheduler/RNG states,
+training_args.bin, hf_dpo_run.json or checkpoint-* folders). They are staged as links in a temporary folder,
+with a public adapter_config.json and, for `push_run`, the card rendered for the repo, and scanned for the
+token before any request. `HfApi.upload_folder` does the rest, configured by huggingface_hub's own settings
+(HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE, HF_HUB_DISABLE_XET...), which hf_dpo reads and never changes.
 """
 
 from __future__ import annotations
@@ -24,41 +23,24 @@ from urllib.parse import urlsplit, urlunsplit
 from hf_dpo.card import HF_TOKEN_PATTERN, card_for_repo, is_local_path, local_name
 
 # Top-level files of an output_dir that a push uploads (fnmatch patterns on the file name).
-PUSH_PATTERNS: tuple[str, ...] = (
-    "adapter_model.safetensors",
-    "adapter_config.json",
-    # tokenizer files, whichever the tokenizer saves
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "*.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    # model card and results
-    "README.md",
-    "training_curves.png",
-    "train_results.json",
-    "eval_results.json",
-    "all_results.json",
-)
 REQUIRED_FILES = ("adapter_model.safetensors", "adapter_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_FILES += ("chat_template.jinja", "*.model", "vocab.json", "merges.txt", "vocab.txt")
+CARD_FILES = ("README.md", "training_curves.png")
+RESULT_FILES = ("train_results.json", "eval_results.json", "all_results.json")
+PUSH_PATTERNS = REQUIRED_FILES + TOKENIZER_FILES + CARD_FILES + RESULT_FILES
 DEFAULT_COMMIT_MESSAGE = "Upload DPO adapter with hf_dpo"
-# What the Hub's answer means, by HTTP status ("{namespace}" is the repo's).
+# What the Hub's answer means, by HTTP status (5xx as 500).
 _HINTS = {
-    401: "The Hub did not accept the token (missing, mistyped, expired or revoked). Log in with "
-    "`hf auth login` or set HF_TOKEN to a token with write access.",
-    403: "The token may not write to {namespace}: use a token with write permission on that namespace "
-    "(fine-grained tokens need it granted explicitly), or push to a namespace you own.",
+    401: "The Hub did not accept the token: log in with `hf auth login`, or set HF_TOKEN to a write token.",
+    403: "The token may not write to {namespace}: use one with write permission there (fine-grained tokens "
+    "need it granted explicitly), or push to a namespace you own.",
     404: "The repo or branch was not found: check the repo id and --revision, and that the token can see it.",
-    409: "The Hub reported a conflict: the repo changed during the push (another push, an edit in the "
-    "browser), or the name is taken by another kind of repo. Wait for the other change, then retry.",
+    409: "The repo changed during the push (another push, an edit in the browser): wait, then retry.",
     413: "A file is larger than the Hub accepts in one upload.",
     429: "The Hub is rate-limiting this account: wait a few minutes before retrying.",
-    500: "The Hub had a server-side problem (huggingface_hub already retried the calls it safely can). "
-    "Check https://status.huggingface.co and retry in a few minutes.",
+    500: "The Hub had a server-side problem (huggingface_hub already retried what it safely can): check "
+    "https://status.huggingface.co and retry in a few minutes.",
 }
 
 
@@ -94,22 +76,15 @@ def push_folder(
     `output_dir` (a checkpoint pushed during training). A base model loaded from a local folder is named
     by the folder's name only in the pushed adapter_config.json (the tiny model: "hf_dpo/tiny-llama").
     """
-    return _push(output_dir, repo_id, None, token, private, revision, commit_message, path_in_repo)
+    kwargs = dict(token=token, private=private, revision=revision, commit_message=commit_message)
+    return _push(output_dir, repo_id, render_card=False, path_in_repo=path_in_repo, **kwargs)
 
 
-def push_run(
-    output_dir: str | os.PathLike,
-    repo_id: str,
-    *,
-    token: str | None = None,
-    private: bool | None = None,
-    revision: str | None = None,
-    commit_message: str = DEFAULT_COMMIT_MESSAGE,
-    path_in_repo: str | None = None,
-) -> str:
-    """`push_folder`, with hf_dpo's unedited card rendered for `repo_id` if it was rendered for another repo
-    (or none) when the run was saved; a card edited by hand goes up as it is. Local files are not changed."""
-    return _push(output_dir, repo_id, repo_id, token, private, revision, commit_message, path_in_repo)
+def push_run(output_dir: str | os.PathLike, repo_id: str, **kwargs) -> str:
+    """`push_folder` (same keywords), with hf_dpo's unedited card rendered for `repo_id` if it was rendered for
+    another repo (or none) when the run was saved; a card edited by hand goes up as it is. Local files are
+    not changed."""
+    return _push(output_dir, repo_id, render_card=True, **kwargs)
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -151,7 +126,17 @@ def public_adapter_config(output_dir: str | os.PathLike) -> bytes | None:
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _push(output_dir, repo_id, card_repo_id, token, private, revision, commit_message, path_in_repo) -> str:
+def _push(
+    output_dir,
+    repo_id,
+    *,
+    render_card,
+    token=None,
+    private=None,
+    revision=None,
+    commit_message=None,
+    path_in_repo=None,
+) -> str:
     from huggingface_hub import HfApi
 
     output_dir, commit_message = Path(output_dir), commit_message or DEFAULT_COMMIT_MESSAGE
@@ -166,7 +151,7 @@ def _push(output_dir, repo_id, card_repo_id, token, private, revision, commit_me
                 raise PushRefusedError(
                     f"Invalid path_in_repo {path_in_repo!r}: expected a folder like 'checkpoint-1'."
                 )
-            names = _stage(output_dir, Path(staging), card_repo_id)
+            names = _stage(output_dir, Path(staging), repo_id if render_card else None)
             _refuse_secrets(Path(staging), names, token, commit_message)
         except PushRefusedError as err:
             err.retry_command = retry
@@ -245,9 +230,8 @@ def _refuse_secrets(folder: Path, names: list[str], token: str | None, commit_me
             found = any(data.find(needle) >= 0 for needle in needles) or token_like.search(data)
         if found:
             raise PushRefusedError(
-                f"Refusing to push: {name} contains a Hugging Face token. Nothing was uploaded. Remove it from "
-                "the file (and revoke the token at https://huggingface.co/settings/tokens if it was shared), "
-                "then retry."
+                f"Refusing to push: {name} contains a Hugging Face token. Nothing was uploaded. Remove it "
+                "(and revoke the token at https://huggingface.co/settings/tokens if it was shared), then retry."
             )
 
 
@@ -264,42 +248,24 @@ def _push_error(err: BaseException, output_dir: Path, repo_id: str, endpoint: st
     while err is not None and err not in chain:
         chain.append(err)
         err = err.__cause__ or err.__context__
-    footer = f"\nThe run's files are untouched in {output_dir}. Once fixed, retry with:\n    {retry}"
     http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
+    network = next((e for e in chain if isinstance(e, (httpx.TransportError, ConnectionError))), None)
+    status = None
     if http is not None:
-        status = http.response.status_code
-        try:
-            request = http.response.request
-        except RuntimeError:  # a response built by hand has no request
-            request = None
-        url = (
-            urlunsplit(urlsplit(str(request.url))[:3] + ("", "")) if request is not None else ""
-        )  # no signature
-        message = f"Push to the Hub failed: HTTP {status}" + (
-            f" from {request.method} {url}." if url else "."
-        )
-        if http.server_message:
-            message += f"\nThe Hub said: {http.server_message.strip()}"
+        status, request = http.response.status_code, http.response.request
+        url = urlunsplit(urlsplit(str(request.url))[:3] + ("", ""))  # no query: upload signatures live there
+        said = f"\nThe Hub said: {http.server_message.strip()}" if http.server_message else ""
+        hint = _HINTS.get(min(status, 500), "The Hub refused the request.")
         namespace = repo_id.split("/")[0] if "/" in repo_id else "your account"
-        hint = _HINTS.get(min(status, 500), "The Hub rejected the request; the message above says why.")
-        return HubPushError(
-            f"{message}\n{hint.format(namespace=namespace)}{footer}", retry_command=retry, status_code=status
-        )
-    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
-        message = "Push to the Hub failed: huggingface_hub is in offline mode; unset HF_HUB_OFFLINE to push."
-        return HubPushError(message + footer, retry_command=retry)
-    transport = next(
-        (e for e in chain if isinstance(e, (httpx.TransportError, ConnectionError, TimeoutError))), None
-    )
-    if isinstance(transport, (httpx.TimeoutException, TimeoutError)):
-        message = (
-            f"Push to the Hub failed: the connection to {endpoint} timed out ({type(transport).__name__})."
-        )
-        return HubPushError(message + footer, retry_command=retry)
-    if transport is not None:
-        message = (
-            f"Push to the Hub failed: could not reach {endpoint} ({type(transport).__name__}: {transport}). "
-            "Check the network, any proxy (HTTPS_PROXY) and HF_ENDPOINT."
-        )
-        return HubPushError(message + footer, retry_command=retry)
-    return None
+        message = f"HTTP {status} from {request.method} {url}.{said}\n{hint.format(namespace=namespace)}"
+    elif any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+        message = "huggingface_hub is in offline mode; unset HF_HUB_OFFLINE to push."
+    elif isinstance(network, httpx.TimeoutException):
+        message = f"the connection to {endpoint} timed out ({type(network).__name__})."
+    elif network is not None:
+        message = f"could not reach {endpoint} ({type(network).__name__}: {network}). Check the network, any "
+        message += "proxy (HTTPS_PROXY) and HF_ENDPOINT."
+    else:
+        return None
+    footer = f"\nThe run's files are untouched in {output_dir}. Once fixed, retry with:\n    {retry}"
+    return HubPushError(f"Push to the Hub failed: {message}{footer}", retry_command=retry, status_code=status)

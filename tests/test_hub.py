@@ -275,6 +275,21 @@ def test_no_hf_dpo_module_sets_huggingface_hub_constants_or_the_environment():
     assert assignment.search('os.environ["HF_HUB_OFFLINE"] = "0"')
 
 
+def test_the_fake_hub_fixture_sets_what_the_client_needs_and_nothing_more(fake_hub):
+    """For this process (huggingface_hub's constants) and for subprocesses (the environment): the endpoint,
+    xet off, offline mode off. The token stays the test's to give."""
+    import os
+
+    assert fake_hub.endpoint == constants.ENDPOINT
+    assert constants.HF_HUB_DISABLE_XET is True and constants.HF_HUB_OFFLINE is False
+    assert {k: os.environ[k] for k in ("HF_ENDPOINT", "HF_HUB_DISABLE_XET", "HF_HUB_OFFLINE")} == {
+        "HF_ENDPOINT": fake_hub.endpoint,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_OFFLINE": "0",
+    }
+    assert "HF_TOKEN" not in os.environ
+
+
 # --------------------------------------------------------------------------------------- failures
 
 
@@ -284,7 +299,7 @@ def test_no_hf_dpo_module_sets_huggingface_hub_constants_or_the_environment():
         ("*", 401, "hf auth login"),
         ("create_repo", 403, "may not write to someone"),
         ("create_repo", 404, "check the repo id and --revision"),
-        ("commit", 409, "conflict"),
+        ("commit", 409, "changed during the push"),
         ("create_repo", 413, "larger than the Hub accepts"),
         ("create_repo", 429, "rate-limiting"),
         ("commit", 500, "status.huggingface.co"),
