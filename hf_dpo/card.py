@@ -64,7 +64,8 @@ def render_card(output_dir: str | os.PathLike, inputs: Mapping[str, Any], *, tem
             f"Model card template {path} uses undefined name(s) {', '.join(undefined)}. "
             f"Names available to templates: {', '.join(sorted(available))}."
         )
-    card = str(ModelCard.from_template(card_data, template_str=source, **variables))
+    card = ModelCard.from_template(card_data, template_str=source, **variables)
+    card = str(card) if card.data.to_dict() else card.text  # a template without metadata gets none
     card = card if card.endswith("\n") else card + "\n"
     if HF_TOKEN_PATTERN.search(card):
         raise ValueError(f"The model card rendered from {path} contains a Hugging Face token; refusing it.")

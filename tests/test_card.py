@@ -345,6 +345,8 @@ def test_custom_template(tmp_path):
     assert "# qwen2.5-0.5b-dpo-qlora" in text
     assert f"beta=0.1 on {BASE}; eval accuracy 0.75" in text
     assert ModelCard(text).data.library_name == "peft"
+    template.write_text("# {{ model_name }}, without metadata")
+    assert card(tmp_path, template) == "# qwen2.5-0.5b-dpo-qlora, without metadata\n"
 
 
 def test_custom_template_rewrites_the_method_paragraph(tmp_path):
