@@ -140,8 +140,12 @@ def _push(
     from huggingface_hub import HfApi
 
     output_dir, commit_message = Path(output_dir), commit_message or DEFAULT_COMMIT_MESSAGE
-    retry = retry_command(output_dir, repo_id, revision=revision, private=private)
-    folder_in_repo = (path_in_repo or "").rstrip("/") or None
+    retry = (
+        retry_command(output_dir, repo_id, revision=revision, private=private)
+        if isinstance(repo_id, str)
+        else None
+    )
+    folder_in_repo = (path_in_repo or "").rstrip("/") or None  # None: the repo root
     with tempfile.TemporaryDirectory(prefix="hf_dpo_push_") as staging:
         try:
             check_repo_id(repo_id)

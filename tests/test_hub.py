@@ -425,7 +425,7 @@ def test_token_inside_the_safetensors_file_refuses_the_push(fake_hub, output_dir
     assert fake_hub.requests == []
 
 
-@pytest.mark.parametrize("repo_id", ["a/b/c", "bad..name", "-leading-dash", "has space/x", "", "org/"])
+@pytest.mark.parametrize("repo_id", ["a/b/c", "bad..name", "-leading-dash", "has space/x", "", "org/", None])
 def test_invalid_repo_id_is_refused(fake_hub, output_dir, repo_id):
     with pytest.raises(PushRefusedError, match="Invalid repo id"):
         push_folder(output_dir, repo_id, token=fake_hub.token)
