@@ -3,6 +3,7 @@ pushes to the Hub at every save (`hub_strategy`). They use transformers' public 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -180,10 +181,17 @@ class SaveError(RuntimeError):
         self.last_checkpoint = last_checkpoint
 
 
+# What a full disk, a quota, a read-only or foreign-owned folder or a failing device raise while writing.
+_MACHINE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EIO}
+
+
 def as_save_error(err: BaseException, output_dir: str, step: int) -> SaveError | None:
     """A SaveError for a machine fault met while saving step `step` (an OSError, or the tokenizers library's
     "... (os error 28)"), with the half-written checkpoint-`step` removed; None for any other exception."""
-    if not (isinstance(err, OSError) or re.search(r"\(os error \d+\)", str(err))):
+    machine_fault = (isinstance(err, OSError) and err.errno in _MACHINE_FAULTS) or re.search(
+        r"\(os error (\d+)\)", str(err)
+    )
+    if not machine_fault:
         return None
     folder = Path(output_dir) / f"checkpoint-{step}"
     half_written = folder.is_dir() and not (folder / CHECKPOINT_COMPLETE).is_file()

@@ -15,22 +15,18 @@ import math
 import os
 import re
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
+from hf_dpo.card import format_value
 from hf_dpo.hub import public_adapter_config
-from hf_dpo.model_card import format_value
-
-try:
-    from hub_server import FakeHub
-except ImportError:  # tests/ imported as a package
-    from tests.hub_server import FakeHub
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -113,13 +109,10 @@ def one_pair(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A fake Hub that accepts TOKEN, as the Hub every in-process push goes to; no login of our own."""
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
-    with FakeHub(tokens=[TOKEN]) as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)  # HfApi() reads it when created
-        yield server
+def hub(fake_hub):
+    """The fake Hub (tests/hub_server.py) that every push goes to, accepting TOKEN too."""
+    fake_hub.tokens.add(TOKEN)
+    return fake_hub
 
 
 def flags(output_dir, data, **overrides) -> list[str]:
@@ -148,6 +141,13 @@ def flags(output_dir, data, **overrides) -> list[str]:
     for key, value in settings.items():
         argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     return argv
+
+
+def free_port() -> int:
+    """A port nobody listens on (torchrun's --master_port 0 makes the workers wait forever)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def one_thread_env(**extra: str) -> dict[str, str]:
