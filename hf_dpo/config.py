@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .losses import LOSS_TYPES
+from .losses import LOSS_TYPES, validate_loss_options
 from .tiny import TINY_MODEL_NAME
 
 
@@ -127,15 +127,56 @@ class DPOConfig(TrainingArguments):
         default=0.1,
         metadata={"help": "KL strength: higher keeps the policy closer to the reference (typ. 0.01-0.5)."},
     )
-    loss_type: str = field(
-        default="sigmoid", metadata={"help": f"Preference loss: one of {', '.join(LOSS_TYPES)}."}
+    # ---- the loss (see hf_dpo.losses.LOSSES for which loss reads which option)
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={
+            "help": "Preference loss, or several combined with loss_weights (`--loss_type sigmoid sft`): "
+            f"{', '.join(LOSS_TYPES)}."
+        },
+    )
+    loss_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One weight per loss_type entry (the loss is their weighted sum); default 1 each."},
     )
     label_smoothing: float = field(
         default=0.0,
         metadata={
-            "help": "Assumed label-noise rate eps for sigmoid (cDPO) and robust losses; 0 is plain DPO."
+            "help": "Label noise eps in [0, 0.5): cDPO for sigmoid, sigmoid_norm, simpo, aot, "
+            "aot_unpaired; the flip rate for robust; EXO's eps for exo_pair (needed there, e.g. 1e-3). "
+            "0 is plain DPO."
         },
     )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "Divergence from the reference (f-DPO): reverse_kl (DPO), forward_kl, js_divergence, "
+            "alpha_divergence; other than reverse_kl only for losses on the chosen-rejected score."
+        },
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5,
+        metadata={"help": "alpha in (0, 1) of alpha_divergence: towards 0 reverse KL, towards 1 forward KL."},
+    )
+    ld_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "LD-DPO: weight in [0, 1] of the tokens beyond the shorter completion (policy and "
+            "reference); lower counts length less. None (default) is 1."
+        },
+    )
+    use_weighting: bool = field(
+        default=False,
+        metadata={"help": "WPO: weight each pair by how likely the policy is to produce its completions."},
+    )
+    discopop_tau: float = field(
+        default=0.05, metadata={"help": "Temperature of the discopop loss (paper: 0.05)."}
+    )
+    simpo_gamma: float = field(
+        default=0.5,
+        metadata={"help": "Target reward margin of the simpo loss (with beta ~2 as in the SimPO paper)."},
+    )
+    # ---- end of the loss block
     reference_free: bool = field(
         default=False, metadata={"help": "Take the reference log-probs as 0 (no reference model)."}
     )
@@ -196,14 +237,23 @@ class DPOConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        self.loss_type = validate_loss_options(
+            self.loss_type,
+            self.loss_weights,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            reference_free=self.reference_free,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            ld_alpha=self.ld_alpha,
+            use_weighting=self.use_weighting,
+            discopop_tau=self.discopop_tau,
+            simpo_gamma=self.simpo_gamma,
+            logp_reduction=self.logp_reduction,
+            precompute_ref_log_probs=self.precompute_ref_log_probs,
+        )
         if self.logp_reduction not in ("sum", "mean"):
             raise ValueError(f"logp_reduction must be 'sum' or 'mean', got {self.logp_reduction!r}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.nonfinite_action not in ("stop", "skip"):
             raise ValueError(f"nonfinite_action must be 'stop' or 'skip', got {self.nonfinite_action!r}")
         if (

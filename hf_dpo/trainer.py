@@ -24,7 +24,7 @@ from .collator import PreferenceCollator
 from .config import DPOConfig
 from .data import check_pairs_for_loss
 from .logps import SequenceLogps, sequence_logps, sequence_logps_from_hidden
-from .losses import preference_loss
+from .losses import LossSpec, preference_loss
 from .modeling import (
     disable_dropout,
     fusable_lm_head,
@@ -45,6 +45,8 @@ METRIC_NAMES = (
     "logps/rejected",
     "logits/chosen",
     "logits/rejected",
+    "entropy",  # mean per-token entropy of the next-token distribution, chosen and rejected completions
+    "mean_token_accuracy",  # top-1 accuracy on the chosen completion tokens
 )
 
 
@@ -108,6 +110,7 @@ class DPOTrainer(Trainer):
             if ref_model is not None:
                 use_varlen_attention(ref_model)
         self.ref_model = ref_model
+        self.loss_spec = LossSpec.from_config(args)
         self.run_info = dict(run_info or {})
 
         # Under several processes the main one tokenises (and fills the `datasets` cache) first; the others
@@ -153,7 +156,7 @@ class DPOTrainer(Trainer):
         self._step_rows: list[int] = []  # data lines of the micro-batches of the step in progress
         self._last_step_rows: list[int] = []  # ... and of the last finished step
 
-        if args.precompute_ref_log_probs and not args.reference_free:
+        if args.precompute_ref_log_probs and self.loss_spec.needs_reference:
             self.train_dataset = self._precompute(self.train_dataset)
             if isinstance(self.eval_dataset, dict):
                 self.eval_dataset = {k: self._precompute(v) for k, v in self.eval_dataset.items()}
@@ -188,7 +191,13 @@ class DPOTrainer(Trainer):
 
     # ---------------------------------------------------------------- forward passes
     def sequence_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> SequenceLogps:
-        """Completion log-probs of every sequence in the batch from ONE forward of `model`: (B*K,) tensors."""
+        """Completion log-probs of every sequence in the batch from ONE forward of `model`: (B*K,) tensors,
+        with the per-token statistics (entropy, top-1, WPO's log sum p^2) of the policy."""
+        return self._sequence_logps(model, inputs, with_stats=True)
+
+    def _sequence_logps(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], with_stats: bool
+    ) -> SequenceLogps:
         forward_kwargs = {"input_ids": inputs["input_ids"], "use_cache": False}
         position_ids = inputs.get("position_ids")
         if self.args.padding_free:
@@ -209,23 +218,30 @@ class DPOTrainer(Trainer):
             reduction=self.args.logp_reduction,
             chunk_size=self.args.logp_chunk_size,
             position_ids=position_ids if self.args.padding_free else None,
+            with_stats=with_stats,
         )
+        if self.args.ld_alpha is not None:  # LD-DPO needs each sequence's prompt (completion-major rows)
+            rows, k = inputs["response_mask"].shape
+            common.update(
+                ld_alpha=self.args.ld_alpha,
+                sequence_group=torch.arange(rows * k, device=inputs["input_ids"].device) % rows,
+            )
         if head is not None:
             return sequence_logps_from_hidden(outputs.logits, head.weight, lm_head_bias=head.bias, **common)
         return sequence_logps(outputs.logits, **common)
 
     def reference_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Reference log-probs, shape (B, K): precomputed, from ref_model, or the same model without adapter."""
-        if self.args.reference_free:
+        if not self.loss_spec.needs_reference:  # reference_free, or only reference-free losses (simpo, sft)
             return None
         if "ref_logps" in inputs:
             return inputs["ref_logps"]
         with torch.no_grad():
             if self.ref_model is not None:
-                out = self.sequence_logps(self.ref_model, inputs)
+                out = self._sequence_logps(self.ref_model, inputs, with_stats=False)
             else:
                 with reference_policy(model):
-                    out = self.sequence_logps(model, inputs)
+                    out = self._sequence_logps(model, inputs, with_stats=False)
         return _by_row(out.logps, inputs["response_mask"]).detach()
 
     # ---------------------------------------------------------------- loss and metrics
@@ -233,30 +249,24 @@ class DPOTrainer(Trainer):
         mode = "train" if model.training else "eval"
         policy = self.sequence_logps(model, inputs)
         response_mask = inputs["response_mask"]
-        policy_logps = _by_row(policy.logps, response_mask)
+        policy_rows = policy.by_row(response_mask.shape[0])
+        policy_logps = policy_rows.logps
         reference = self.reference_logps(model, inputs)
-        losses, rewards = preference_loss(
-            self.args.loss_type,
-            policy_logps,
-            reference,
-            beta=self.args.beta,
-            label_smoothing=self.args.label_smoothing,
-            reference_free=self.args.reference_free,
-            response_mask=response_mask if response_mask.shape[1] > 2 else None,
-        )
+        losses, rewards, loss_metrics = preference_loss(self.loss_spec, policy_rows, reference, response_mask)
         loss = losses.mean()
         if mode == "train" and not torch.isfinite(loss.detach()):
             # Decided in training_step once the step's gradients are in, on every rank at once.
             self._step_fault = self._step_fault or "loss"
         else:  # a non-finite batch would turn every metric of its logging window into NaN
-            self._store_metrics(mode, policy, policy_logps, rewards, response_mask)
+            self._store_metrics(mode, policy_rows, rewards, response_mask, loss_metrics)
         if return_outputs:
             return loss, {"policy_logps": policy_logps.detach(), "rewards": rewards}
         return loss
 
-    def _store_metrics(self, mode, policy: SequenceLogps, policy_logps, rewards, response_mask) -> None:
+    def _store_metrics(self, mode, policy: SequenceLogps, rewards, response_mask, loss_metrics) -> None:
         """Accumulate sums and counts (not means), so averages over accumulation steps, logging steps and
-        ranks weight every pair equally and every token equally."""
+        ranks weight every pair equally and every token equally. `policy` is by row: (B, K) tensors."""
+        policy_logps = policy.logps
         with torch.no_grad():
             chosen_rewards = rewards[:, 0]
             if rewards.shape[1] > 2:  # K-way: the best response against the mean of the others
@@ -268,8 +278,7 @@ class DPOTrainer(Trainer):
                 rejected_logps = policy_logps[:, 1].detach()
             margins = chosen_rewards - rejected_rewards
             rows = response_mask.shape[0]
-            counts = _by_row(policy.token_counts, response_mask)
-            logit_sums = _by_row(policy.logit_sums, response_mask)
+            counts, logit_sums = policy.token_counts, policy.logit_sums
             sums = self._metric_sums[mode]
             values = {
                 "rewards/chosen": chosen_rewards.sum(),
@@ -280,6 +289,9 @@ class DPOTrainer(Trainer):
                 "logps/rejected": rejected_logps.sum(),
                 "logits/chosen": logit_sums[:, 0].sum(),
                 "logits/rejected": logit_sums[:, 1:].sum(),
+                "entropy": policy.entropy_sums.sum(),
+                "mean_token_accuracy": policy.top1_hits[:, 0].sum(),
+                **{key: value.sum() for key, value in loss_metrics.items()},  # per pair, e.g. loss/sft
             }
             for key, value in values.items():
                 sums[key] = sums[key] + value.float()
@@ -299,10 +311,16 @@ class DPOTrainer(Trainer):
         self._metric_sums[mode] = defaultdict(float)
         pairs = max(total.pop("_pairs"), 1.0)
         tokens = {side: max(total.pop(f"_tokens/{side}"), 1.0) for side in ("chosen", "rejected")}
+        per_token = {
+            "entropy": tokens["chosen"] + tokens["rejected"],
+            "mean_token_accuracy": tokens["chosen"],
+        }
         metrics = {}
-        for key in METRIC_NAMES:
+        for key in [*METRIC_NAMES, *sorted(set(total) - set(METRIC_NAMES))]:
             if key.startswith("logits/"):
                 metrics[key] = total[key] / tokens[key.split("/")[1]]
+            elif key in per_token:
+                metrics[key] = total[key] / per_token[key]
             else:
                 metrics[key] = total[key] / pairs
         return metrics
