@@ -638,3 +638,218 @@ def test_bandit_plackett_luce_recovers_the_reward_from_sampled_rankings():
     implicit = beta * (log_pi - log_ref)
     corr = torch.corrcoef(torch.stack([implicit, reward]))[0, 1].item()
     assert corr > 0.99
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+# Every loss through DPOTrainer on the tiny 4-bit model with a fresh LoRA (policy == reference at step 0).
+
+E2E_OPTIONS = {
+    "exo_pair": {"label_smoothing": 1e-3},
+    "simpo": {"beta": 2.0},
+}
+# Closed forms at h = 0 (beta 0.1): the first logged loss is the loss before the first update.
+STEP0 = {
+    "sigmoid": LN2,
+    "sigmoid_norm": LN2,
+    "ipo": 25.0,  # (0 - 1/(2 * 0.1))^2
+    "hinge": 1.0,
+    "robust": LN2,
+    "exo_pair": 2.761231,  # 0.5 ln(0.5 / 0.999) + 0.5 ln(0.5 / 0.001) = -0.346074 + 3.107304
+    "discopop": 0.846574,
+    "nca_pair": 2 * LN2,
+    "bco_pair": 2 * LN2,
+    "sppo_hard": 50.0,  # 2 * (1/(2 * 0.1))^2
+    "aot": LN2,
+    "aot_unpaired": LN2,
+    "apo_zero": 1.0,
+    "apo_down": 1.0,
+    "plackett_luce": LN2,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_model_path):
+    """The tiny 4-bit model with a fresh LoRA, loaded once for this module, and its initial LoRA weights."""
+    from trainer_helpers import load, lora_state
+
+    loaded = load(tiny_model_path)
+    return loaded, lora_state(loaded.model)
+
+
+def _e2e_trainer(tiny_loaded, tmp_path, n_rows=4, **config):
+    """A DPOTrainer on 4 pairs (one full batch), the LoRA reset to its initial weights (B = 0)."""
+    from trainer_helpers import dpo_config, tokenised_rows
+
+    from hf_dpo.trainer import DPOTrainer
+
+    loaded, initial = tiny_loaded
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if name in initial:
+                param.copy_(initial[name])
+    rows = tokenised_rows(loaded.tokenizer, n=n_rows)
+    args = dpo_config(
+        tmp_path, per_device_train_batch_size=n_rows, per_device_eval_batch_size=n_rows, **config
+    )
+    return DPOTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=rows,
+        eval_dataset=rows,
+        processing_class=loaded.tokenizer,
+    )
+
+
+def _one_batch(trainer):
+    from hf_dpo.collator import PreferenceCollator
+
+    collator = PreferenceCollator(pad_token_id=trainer.processing_class.pad_token_id)
+    dataset = trainer.train_dataset
+    return trainer._prepare_inputs(collator([dataset[i] for i in range(len(dataset))]))
+
+
+@pytest.mark.parametrize("name", LOSS_TYPES)
+def test_each_loss_trains_end_to_end(tiny_loaded, tmp_path, name):
+    """4 steps on one full batch of 4 pairs: finite, the closed-form value at step 0, lower at the end."""
+    trainer = _e2e_trainer(tiny_loaded, tmp_path, loss_type=name, max_steps=4, **E2E_OPTIONS.get(name, {}))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in logs]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses), losses
+    if name in STEP0:
+        assert losses[0] == pytest.approx(STEP0[name], abs=1e-4)
+    assert losses[-1] < losses[0], losses
+    assert 0 < logs[-1]["entropy"] < math.log(trainer.model.config.vocab_size)
+    assert 0 <= logs[-1]["mean_token_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("loss_type", [["simpo"], ["sft"], ["simpo", "sft"]])
+def test_reference_free_losses_run_no_reference_forward(tiny_loaded, tmp_path, loss_type):
+    trainer = _e2e_trainer(tiny_loaded, tmp_path, loss_type=loss_type)
+    calls = []
+    handle = trainer.model.get_base_model().register_forward_hook(
+        lambda *_: calls.append(torch.is_grad_enabled())
+    )
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, _one_batch(trainer))
+    handle.remove()
+    assert calls == [True]  # the policy forward only
+    assert trainer.reference_logps(trainer.model, _one_batch(trainer)) is None
+
+
+def test_sft_alone_equals_the_plain_causal_lm_loss(tiny_loaded, tmp_path):
+    """After two sft steps (so that LoRA is not zero), compute_loss equals transformers' own causal-LM loss
+    on the chosen rows with every non-completion label set to -100, to 1e-6."""
+    trainer = _e2e_trainer(tiny_loaded, tmp_path, loss_type="sft", max_steps=2)
+    trainer.train()
+    batch = _one_batch(trainer)
+    trainer.model.train()
+    chosen = slice(0, batch["response_mask"].shape[0])  # completion-major: the first B rows are the chosen
+    labels = batch["input_ids"][chosen].masked_fill(batch["completion_mask"][chosen] == 0, -100)
+    with torch.no_grad():
+        ours = trainer.compute_loss(trainer.model, batch)
+        plain = trainer.model(
+            input_ids=batch["input_ids"][chosen],
+            attention_mask=batch["attention_mask"][chosen],
+            labels=labels,
+        ).loss
+    assert abs(ours.item() - plain.item()) < 1e-6, (ours.item(), plain.item())
+
+
+def test_sigmoid_plus_sft_is_the_weighted_sum_end_to_end(tiny_loaded, tmp_path):
+    """loss_type [sigmoid, sft] with weights [1, 0.2] at step 0: ln 2 + 0.2 * (the sft loss alone)."""
+    combined = _e2e_trainer(
+        tiny_loaded, tmp_path / "a", loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2]
+    )
+    alone = _e2e_trainer(tiny_loaded, tmp_path / "b", loss_type=["sft"])
+    for trainer in (combined, alone):
+        trainer.model.train()
+    with torch.no_grad():
+        total = combined.compute_loss(combined.model, _one_batch(combined)).item()
+        sft = alone.compute_loss(alone.model, _one_batch(alone)).item()
+    assert total == pytest.approx(LN2 + 0.2 * sft, abs=1e-6)
+    logs = combined.evaluate()
+    assert logs["eval_loss/sigmoid"] == pytest.approx(LN2, abs=1e-6)
+    assert logs["eval_loss/sft"] == pytest.approx(sft, abs=1e-5)
+
+
+def _full_logits_stats(trainer, batch):
+    """Per-token statistics from the full [rows, tokens, vocab] logits of a plain forward (the definition)."""
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    mask = batch["completion_mask"][:, 1:].bool()
+    targets = batch["input_ids"][:, 1:]
+    token = logp.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    top1 = (logits[:, :-1].argmax(-1) == targets).double()
+    log_sum_sq = torch.logsumexp(2 * logp, -1)
+    return mask, token, entropy, top1, log_sum_sq
+
+
+def test_entropy_and_token_accuracy_match_full_logits(tiny_loaded, tmp_path):
+    """After 8 steps of sigmoid + sft (the chosen completions get likely), the eval metrics equal the
+    per-token means from the full logits: entropy over chosen and rejected tokens, top-1 on chosen ones."""
+    trainer = _e2e_trainer(
+        tiny_loaded, tmp_path, loss_type=["sigmoid", "sft"], max_steps=8, learning_rate=1e-2
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.model.eval()
+    batch = _one_batch(trainer)
+    mask, _, entropy, top1, _ = _full_logits_stats(trainer, batch)
+    rows = batch["response_mask"].shape[0]
+    chosen_mask = mask[:rows]
+    expected_entropy = (entropy * mask).sum() / mask.sum()
+    expected_accuracy = (top1[:rows] * chosen_mask).sum() / chosen_mask.sum()
+    assert expected_accuracy > 0  # the check below is not 0 == 0
+    assert metrics["eval_entropy"] == pytest.approx(expected_entropy.item(), abs=1e-5)
+    assert metrics["eval_mean_token_accuracy"] == pytest.approx(expected_accuracy.item(), abs=1e-6)
+
+
+def test_wpo_weights_from_the_fused_head_match_full_logits(tiny_loaded, tmp_path):
+    """use_weighting at step 0 (h = 0): loss = ln 2 * mean over pairs of w(y_w) w(y_l), with
+    w = exp(mean_t [log p(y_t) - log sum_v p_v^2]) computed here from the full logits."""
+    trainer = _e2e_trainer(tiny_loaded, tmp_path, use_weighting=True, max_steps=2)
+    trainer.model.train()
+    batch = _one_batch(trainer)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+    mask, token, _, _, log_sum_sq = _full_logits_stats(trainer, batch)
+    weights = torch.exp(((token - log_sum_sq) * mask).sum(-1) / mask.sum(-1))
+    rows = batch["response_mask"].shape[0]
+    expected = (LN2 * weights[:rows] * weights[rows:]).mean().item()
+    assert abs(expected - LN2) > 1e-2  # the weights are not all 1, so the check below sees them
+    assert loss == pytest.approx(expected, rel=1e-5)
+    trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+
+def test_ld_alpha_weights_policy_and_reference_alike(tiny_loaded, tmp_path, monkeypatch):
+    """ld_alpha 0.3: the reference log-probs equal sum_t w_t log p(y_t) from the full logits, w_t = 1 up to
+    the shorter completion of the pair and 0.3 after; so do the policy's (policy == reference at step 0).
+    The precomputed-reference cache key changes with ld_alpha."""
+    from hf_dpo.reference_cache import reference_cache_key
+
+    trainer = _e2e_trainer(tiny_loaded, tmp_path, ld_alpha=0.3, max_steps=2)
+    trainer.model.train()
+    batch = _one_batch(trainer)
+    mask, token, _, _, _ = _full_logits_stats(trainer, batch)
+    rows = batch["response_mask"].shape[0]
+    lengths = mask.sum(-1)
+    shared = torch.minimum(lengths[:rows], lengths[rows:]).repeat(2)
+    position = mask.cumsum(-1)  # 1-based position within the completion
+    weights = torch.where(position <= shared[:, None], 1.0, 0.3)
+    expected = ((token * mask * weights).sum(-1)).view(2, rows).t()
+    reference = trainer.reference_logps(trainer.model, batch)
+    torch.testing.assert_close(reference.double(), expected, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        policy = trainer.sequence_logps(trainer.model, batch).by_row(rows).logps
+    torch.testing.assert_close(policy.double(), expected, atol=1e-4, rtol=0)
+    assert (lengths[:rows] != lengths[rows:]).any()  # some pair has a tail to weigh
+    trainer.train()
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+
+    key = reference_cache_key(trainer, trainer.train_dataset)
+    monkeypatch.setattr(trainer.args, "ld_alpha", None)
+    assert reference_cache_key(trainer, trainer.train_dataset) != key
