@@ -353,9 +353,8 @@ class LossInfo:
     """What one loss type reads, which settings it accepts, and where it comes from."""
 
     paper: str
-    options: frozenset[str] = (
-        frozenset()
-    )  # loss options it reads (label_smoothing, discopop_tau, simpo_gamma)
+    # The loss options it reads: label_smoothing, discopop_tau, simpo_gamma.
+    options: frozenset[str] = frozenset()
     reference: bool = True  # reads the reference log-probs
     ranked: bool = False  # takes K > 2 ranked responses
     f_divergence: bool = False  # built on the chosen-minus-rejected score: f-divergences apply
