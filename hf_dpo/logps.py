@@ -214,7 +214,8 @@ def length_desensitized_weights(
 
     Args:
         sequence_index: (M,) the sequence of each scored token; a sequence's tokens come in order.
-        token_counts: (S,) completion tokens per sequence. sequence_group: (S,) the prompt of each sequence.
+        token_counts: (S,) completion tokens per sequence. sequence_group: (S,) the prompt of each
+            sequence, an id in [0, S).
     Returns:
         (M,) weights, detached.
     """
@@ -224,7 +225,8 @@ def length_desensitized_weights(
     position = torch.empty_like(sequence_index)
     position[order] = torch.arange(order.numel(), device=order.device) - first_slot[sequence_index[order]]
     no_limit = torch.iinfo(counts.dtype).max
-    shared = torch.full((int(sequence_group.max()) + 1,), no_limit, dtype=counts.dtype, device=counts.device)
+    # One slot per sequence bounds the number of prompts, and needs no device sync to size.
+    shared = torch.full((sequence_group.numel(),), no_limit, dtype=counts.dtype, device=counts.device)
     shared = shared.scatter_reduce(0, sequence_group, counts.masked_fill(counts == 0, no_limit), "amin")
     within = position < shared[sequence_group[sequence_index]]
     return torch.where(within, 1.0, ld_alpha).to(torch.float32)
@@ -288,8 +290,8 @@ def sequence_logps(
         chunk_size: positions per chunk; default keeps one chunk at <= 64 MiB fp32.
         with_stats: also the per-sequence entropy, top-1 and log sum p^2 sums (see `SequenceLogps`).
         ld_alpha: LD-DPO weight of the tokens beyond the shortest completion of the same prompt; None: 1.
-        sequence_group: (S,) the prompt of each sequence (needed with ld_alpha); for the collator's
-            completion-major batches of B prompts, ``arange(S) % B``.
+        sequence_group: (S,) the prompt of each sequence, ids in [0, S) (needed with ld_alpha); for the
+            collator's completion-major batches of B prompts, ``arange(S) % B``.
     Returns:
         SequenceLogps with (S,) tensors.
     """
