@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .losses import LOSS_TYPES
+from .losses import LOSS_TYPES, validate_loss_options
 from .tiny import TINY_MODEL_NAME
 
 logger = logging.getLogger(__name__)
@@ -132,15 +132,56 @@ class DPOConfig(TrainingArguments):
         default=0.1,
         metadata={"help": "KL strength: higher keeps the policy closer to the reference (typ. 0.01-0.5)."},
     )
-    loss_type: str = field(
-        default="sigmoid", metadata={"help": f"Preference loss: one of {', '.join(LOSS_TYPES)}."}
+    # ---- the loss (see hf_dpo.losses.LOSSES for which loss reads which option)
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={
+            "help": "Preference loss, or several combined with loss_weights (`--loss_type sigmoid sft`): "
+            f"{', '.join(LOSS_TYPES)}."
+        },
+    )
+    loss_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One weight per loss_type entry (the loss is their weighted sum); default 1 each."},
     )
     label_smoothing: float = field(
         default=0.0,
         metadata={
-            "help": "Assumed label-noise rate eps for sigmoid (cDPO) and robust losses; 0 is plain DPO."
+            "help": "Label noise eps in [0, 0.5): cDPO for sigmoid, sigmoid_norm, simpo, aot, "
+            "aot_unpaired; the flip rate for robust; EXO's eps for exo_pair (needed there, e.g. 1e-3). "
+            "0 is plain DPO."
         },
     )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "Divergence from the reference (f-DPO): reverse_kl (DPO), forward_kl, js_divergence, "
+            "alpha_divergence; other than reverse_kl only for losses on the chosen-rejected score."
+        },
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5,
+        metadata={"help": "alpha in (0, 1) of alpha_divergence: towards 0 reverse KL, towards 1 forward KL."},
+    )
+    ld_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "LD-DPO: weight in [0, 1] of the tokens beyond the shorter completion (policy and "
+            "reference); lower counts length less. None (default) is 1."
+        },
+    )
+    use_weighting: bool = field(
+        default=False,
+        metadata={"help": "WPO: weight each pair by how likely the policy is to produce its completions."},
+    )
+    discopop_tau: float = field(
+        default=0.05, metadata={"help": "Temperature of the discopop loss (paper: 0.05)."}
+    )
+    simpo_gamma: float = field(
+        default=0.5,
+        metadata={"help": "Target reward margin of the simpo loss (with beta ~2 as in the SimPO paper)."},
+    )
+    # ---- end of the loss block
     reference_free: bool = field(
         default=False, metadata={"help": "Take the reference log-probs as 0 (no reference model)."}
     )
@@ -243,19 +284,27 @@ def _has_accelerator() -> bool:
 
 
 def refuse_ignored_options(args: DPOConfig) -> None:
-    """Raise ValueError naming the options for a setting that would be ignored or cannot work together."""
-    choices = {
-        "loss_type": LOSS_TYPES,
-        "logp_reduction": ("sum", "mean"),
-        "nonfinite_action": ("stop", "skip"),
-    }
+    """Raise ValueError naming the options for a setting that would be ignored or cannot work together.
+    Which loss reads which option is losses.py's knowledge (validate_loss_options)."""
+    args.loss_type = validate_loss_options(
+        args.loss_type,
+        args.loss_weights,
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        reference_free=args.reference_free,
+        f_divergence_type=args.f_divergence_type,
+        f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+        ld_alpha=args.ld_alpha,
+        use_weighting=args.use_weighting,
+        discopop_tau=args.discopop_tau,
+        simpo_gamma=args.simpo_gamma,
+        logp_reduction=args.logp_reduction,
+        precompute_ref_log_probs=args.precompute_ref_log_probs,
+    )
+    choices = {"logp_reduction": ("sum", "mean"), "nonfinite_action": ("stop", "skip")}
     for name, allowed in choices.items():
         if getattr(args, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}")
-    if args.beta <= 0:
-        raise ValueError(f"beta must be > 0, got {args.beta}")
-    if not 0 <= args.label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {args.label_smoothing}")
     for name in ("max_length", "max_prompt_length", "pad_to_multiple_of", "logp_chunk_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -78,6 +78,13 @@ def _evaluate_main(argv: list[str]) -> int:
 # loss of an IPO adapter or one trained with beta 0.01 means something else under the defaults.
 RUN_SETTINGS = (
     "loss_type",
+    "loss_weights",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "ld_alpha",
+    "use_weighting",
+    "discopop_tau",
+    "simpo_gamma",
     "beta",
     "label_smoothing",
     "reference_free",
@@ -98,7 +105,8 @@ def _run_settings(adapter_dir: Path, argv: list[str]) -> list[str]:
         value = training.get(name) if isinstance(training, dict) else None
         if value is None or f"--{name}" in argv or any(a.startswith(f"--{name}=") for a in argv):
             continue
-        flags += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+        values = value if isinstance(value, list) else [value]
+        flags += [f"--{name}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
     return flags
 
 

@@ -2,8 +2,8 @@
 
 The cache key covers everything the values depend on: the base model (name, config, weight files), the
 reference adapter's weights, the tokenised data (its `datasets` fingerprint, which covers the rows and the
-tokenisation settings) and the log-prob reduction. Under several processes each rank computes a disjoint
-shard of the rows once, and every rank receives the full column.
+tokenisation settings), the log-prob reduction and LD-DPO's ld_alpha. Under several processes each rank
+computes a disjoint shard of the rows once, and every rank receives the full column.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def reference_cache_key(trainer, dataset) -> str:
         # A reference adapter's (or a full reference model's trainable) weights are not in the base files.
         "reference_weights": _adapter_digest(model, reference.adapter) if reference.adapter else None,
         "reduction": trainer.args.logp_reduction,
+        "ld_alpha": trainer.args.ld_alpha,  # LD-DPO weights the reference's tail tokens too
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -32,7 +32,7 @@ from .callbacks import (
 from .collator import PreferenceCollator
 from .config import DPOConfig, ModelArguments
 from .logps import SequenceLogps, sequence_logps, sequence_logps_from_hidden
-from .losses import preference_loss
+from .losses import LOSSES, LossSpec, preference_loss
 from .modeling import (
     REFERENCE_ADAPTER,
     attach_adapter,
@@ -60,6 +60,8 @@ METRIC_NAMES = (
     "logps/rejected",
     "logits/chosen",
     "logits/rejected",
+    "entropy",  # mean per-token entropy of the next-token distribution, chosen and rejected completions
+    "mean_token_accuracy",  # top-1 accuracy on the chosen completion tokens
 )
 
 
@@ -122,6 +124,7 @@ class DPOTrainer(Trainer):
         prepare_model(model, args)
         if ref_model is not None:
             prepare_model(ref_model, args, is_reference=True).requires_grad_(False)
+        self.loss_spec = LossSpec.from_config(args)
         self.reference = choose_reference(model, args, ref_model)
         if processing_class is None:
             processing_class = load_tokenizer(_model_name(model))
@@ -174,7 +177,7 @@ class DPOTrainer(Trainer):
             self.reference.model = self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
 
-        if args.precompute_ref_log_probs and not args.reference_free:
+        if args.precompute_ref_log_probs and self.loss_spec.needs_reference:
             self.train_dataset = self._precompute(self.train_dataset)
             if isinstance(self.eval_dataset, dict):
                 self.eval_dataset = {k: self._precompute(v) for k, v in self.eval_dataset.items()}
@@ -214,8 +217,11 @@ class DPOTrainer(Trainer):
         return f"data rows (line numbers) {lines or 'unknown'}"
 
     # ---------------------------------------------------------------- forward passes
-    def sequence_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> SequenceLogps:
-        """Completion log-probs of every sequence in the batch from ONE forward of `model`: (B*K,) tensors."""
+    def sequence_logps(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], with_stats: bool = True
+    ) -> SequenceLogps:
+        """Completion log-probs of every sequence in the batch from ONE forward of `model`: (B*K,) tensors,
+        with the per-token statistics (entropy, top-1, WPO's log sum p^2) unless `with_stats` is False."""
         forward_kwargs = {"input_ids": inputs["input_ids"], "use_cache": False}
         position_ids = inputs.get("position_ids")
         if self.args.padding_free:
@@ -232,7 +238,14 @@ class DPOTrainer(Trainer):
             reduction=self.args.logp_reduction,
             chunk_size=self.args.logp_chunk_size,
             position_ids=position_ids if self.args.padding_free else None,
+            with_stats=with_stats,
         )
+        if self.args.ld_alpha is not None:  # LD-DPO needs each sequence's row (completion-major order)
+            rows, k = inputs["response_mask"].shape
+            common.update(
+                ld_alpha=self.args.ld_alpha,
+                sequence_group=torch.arange(rows * k, device=inputs["input_ids"].device) % rows,
+            )
         head = fusable_lm_head(model)
         if head is None:
             return sequence_logps(model(**forward_kwargs).logits, **common)
@@ -241,68 +254,62 @@ class DPOTrainer(Trainer):
         return sequence_logps_from_hidden(hidden, head.weight, lm_head_bias=head.bias, **common)
 
     def reference_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Reference log-probs, shape (B, K): precomputed, or from the reference policy under no_grad."""
-        if self.args.reference_free:
+        """Reference log-probs, shape (B, K): precomputed, or from the reference policy under no_grad; None
+        when no loss needs them (reference_free, or only simpo / sft)."""
+        if not self.loss_spec.needs_reference:
             return None
         if "ref_logps" in inputs:
             return inputs["ref_logps"]
         with torch.no_grad(), reference_policy(model, self.reference) as reference_model:
-            out = self.sequence_logps(reference_model, inputs)
+            out = self.sequence_logps(reference_model, inputs, with_stats=False)
         return _by_row(out.logps, inputs["response_mask"]).detach()
 
     # ---------------------------------------------------------------- loss and metrics
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        policy = self.sequence_logps(model, inputs)
         response_mask = inputs["response_mask"]
-        policy_logps = _by_row(policy.logps, response_mask)
+        policy = self.sequence_logps(model, inputs).by_row(response_mask.shape[0])
         reference = self.reference_logps(model, inputs)
-        losses, rewards = preference_loss(
-            self.args.loss_type,
-            policy_logps,
-            reference,
-            beta=self.args.beta,
-            label_smoothing=self.args.label_smoothing,
-            reference_free=self.args.reference_free,
-            response_mask=response_mask if response_mask.shape[1] > 2 else None,
-        )
+        losses, rewards, loss_metrics = preference_loss(self.loss_spec, policy, reference, response_mask)
         loss = losses.mean()
         if mode == "train":
             self.guard.observe(loss, inputs.get("source_line"))
         # A non-finite batch would turn every metric of its logging window into NaN.
         if mode == "eval" or torch.isfinite(loss.detach()):
-            self._store_metrics(mode, policy, policy_logps, rewards, response_mask)
+            self._store_metrics(mode, policy, rewards, response_mask, loss_metrics)
         if return_outputs:
-            return loss, {"policy_logps": policy_logps.detach(), "rewards": rewards}
+            return loss, {"policy_logps": policy.logps.detach(), "rewards": rewards}
         return loss
 
-    def _store_metrics(self, mode, policy: SequenceLogps, policy_logps, rewards, response_mask) -> None:
+    def _store_metrics(self, mode, policy: SequenceLogps, rewards, response_mask, loss_metrics) -> None:
         """Accumulate sums and counts (not means), so averages over accumulation steps, logging steps and
-        ranks weight every pair equally and every token equally."""
+        ranks weight every pair equally and every token equally. `policy` is by row: (B, K) tensors."""
         with torch.no_grad():
+            policy_logps = policy.logps.detach()
             chosen_rewards = rewards[:, 0]
             if rewards.shape[1] > 2:  # K-way: the best response against the mean of the others
                 others = response_mask[:, 1:].float()
                 rejected_rewards = (rewards[:, 1:] * others).sum(1) / others.sum(1).clamp(min=1)
-                rejected_logps = (policy_logps[:, 1:].detach() * others).sum(1) / others.sum(1).clamp(min=1)
+                rejected_logps = (policy_logps[:, 1:] * others).sum(1) / others.sum(1).clamp(min=1)
             else:
                 rejected_rewards = rewards[:, 1]
-                rejected_logps = policy_logps[:, 1].detach()
+                rejected_logps = policy_logps[:, 1]
             margins = chosen_rewards - rejected_rewards
-            counts = _by_row(policy.token_counts, response_mask)
-            logit_sums = _by_row(policy.logit_sums, response_mask)
             values = {
                 "rewards/chosen": chosen_rewards.sum(),
                 "rewards/rejected": rejected_rewards.sum(),
                 "rewards/accuracies": (margins > 0).float().sum(),  # a tie is not a correct ranking
                 "rewards/margins": margins.sum(),
-                "logps/chosen": policy_logps[:, 0].detach().sum(),
+                "logps/chosen": policy_logps[:, 0].sum(),
                 "logps/rejected": rejected_logps.sum(),
-                "logits/chosen": logit_sums[:, 0].sum(),
-                "logits/rejected": logit_sums[:, 1:].sum(),
+                "logits/chosen": policy.logit_sums[:, 0].sum(),
+                "logits/rejected": policy.logit_sums[:, 1:].sum(),
+                "entropy": policy.entropy_sums.sum(),
+                "mean_token_accuracy": policy.top1_hits[:, 0].sum(),
+                **{key: value.sum() for key, value in loss_metrics.items()},  # per pair, e.g. loss/sft
                 "_pairs": torch.tensor(float(response_mask.shape[0])),
-                "_tokens/chosen": counts[:, 0].sum(),
-                "_tokens/rejected": counts[:, 1:].sum(),
+                "_tokens/chosen": policy.token_counts[:, 0].sum(),
+                "_tokens/rejected": policy.token_counts[:, 1:].sum(),
             }
             sums = self._metric_sums[mode]
             for key, value in values.items():
@@ -320,11 +327,15 @@ class DPOTrainer(Trainer):
         total = dict(zip(keys, stacked.tolist()))
         self._metric_sums[mode] = defaultdict(float)
         pairs = max(total.pop("_pairs"), 1.0)
-        tokens = {side: max(total.pop(f"_tokens/{side}"), 1.0) for side in ("chosen", "rejected")}
-        return {
-            key: total[key] / (tokens[key.split("/")[1]] if key.startswith("logits/") else pairs)
-            for key in METRIC_NAMES
+        chosen, rejected = (max(total.pop(f"_tokens/{side}"), 1.0) for side in ("chosen", "rejected"))
+        per_token = {
+            "logits/chosen": chosen,
+            "logits/rejected": rejected,
+            "entropy": chosen + rejected,
+            "mean_token_accuracy": chosen,
         }
+        names = [*METRIC_NAMES, *sorted(set(total) - set(METRIC_NAMES))]
+        return {key: total[key] / per_token.get(key, pairs) for key in names}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
@@ -468,6 +479,10 @@ class DPOTrainer(Trainer):
             "license": license,
             "model_name": model_name,
             "reference": self.reference.description,
+            "losses": [
+                {"name": name, "weight": weight, "paper": LOSSES[name].paper}
+                for name, weight in zip(self.loss_spec.loss_types, self.loss_spec.weights)
+            ],
         }
         return write_card(output_dir, inputs, template_path=self.args.model_card_template)
 
@@ -475,6 +490,16 @@ class DPOTrainer(Trainer):
         """The flat settings table of the card (no secrets, no local paths)."""
         args = self.args
         settings = {name: getattr(args, name) for name in _CARD_SETTINGS}
+        shown_when = {  # loss options, in the table only where they take part
+            "loss_weights": args.loss_weights is not None,
+            "f_divergence_type": args.f_divergence_type != "reverse_kl",
+            "f_alpha_divergence_coef": args.f_divergence_type == "alpha_divergence",
+            "ld_alpha": args.ld_alpha is not None,
+            "use_weighting": args.use_weighting,
+            "discopop_tau": "discopop" in args.loss_type,
+            "simpo_gamma": "simpo" in args.loss_type,
+        }
+        settings.update({name: getattr(args, name) for name, shown in shown_when.items() if shown})
         settings["global_step"] = self.state.global_step
         settings["world_size"] = args.world_size
         settings["quantization"] = describe_quantization(self.model)
