@@ -3,52 +3,89 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import __version__
 
-# The recipe of a source checkout, else the copy (with its configs) that a wheel carries inside the package.
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "qlora_dpo.py"
-if not RECIPE.is_file():
-    RECIPE = Path(__file__).resolve().parent / "_bundled" / "qlora_dpo.py"
+
+class UsageError(Exception):
+    """A mistake in the arguments, config file, model name or data, found before training started."""
 
 
-def _load_recipe():
-    if not RECIPE.exists():
-        raise SystemExit(f"error: the recipe {RECIPE} is missing; reinstall hf_dpo")
-    spec = importlib.util.spec_from_file_location("hf_dpo_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turn the errors a user can fix before training (ValueError, OSError) into UsageError."""
+    from .data import PreferenceDataError
+
+    try:
+        yield
+    except PreferenceDataError:
+        raise
+    except (ValueError, OSError) as err:
+        raise UsageError(str(err)) from err
+
+
+# The one table of exit codes, for every entry point (hf-dpo train/eval/push, recipes/qlora_dpo.py): an
+# error of a module that was never imported cannot have been raised, so the table imports nothing (a push
+# starts without torch).
+EXIT_CODES = (
+    ("hf_dpo.data", "PreferenceDataError", 2, "bad preference data: "),
+    ("hf_dpo.cli", "UsageError", 2, ""),
+    ("hf_dpo.hub", "PushRefusedError", 2, ""),  # nothing was sent: a bad repo id, a token in a file, ...
+    ("hf_dpo.callbacks", "NonFiniteLossError", 3, ""),
+    (
+        "hf_dpo.hub",
+        "HubPushError",
+        4,
+        "",
+    ),  # training finished; the message ends with the command that retries
+    ("hf_dpo.callbacks", "SaveError", 5, ""),
+)
+
+
+def exit_code(err: BaseException) -> tuple[int, str] | None:
+    """(exit code, one-line message) for an error a user can act on; None for a bug (keep the traceback)."""
+    for module, name, code, prefix in EXIT_CODES:
+        kind = getattr(sys.modules.get(module), name, None)
+        if kind is not None and isinstance(err, kind):
+            return code, prefix + str(err)
+    return None
+
+
+def run_guarded(main, argv) -> int:
+    """main(argv), with an error a user can act on printed as one line on stderr and its exit code."""
+    try:
+        return main(argv)
+    except Exception as err:
+        known = exit_code(err)
+        if known is None:
+            raise
+        print(f"error: {known[1]}", file=sys.stderr)
+        return known[0]
 
 
 def cmd_train(rest: list[str]) -> int:
-    return _load_recipe().cli(rest)
+    from .recipe import cli
+
+    return cli(rest)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     """Publish a finished run: exit 0, 2 when there is nothing valid to push, 4 when the Hub fails."""
-    output_dir = Path(args.output_dir)
-    if not (output_dir / "adapter_config.json").is_file():
-        print(f"error: {output_dir} holds no adapter_config.json: not a finished hf_dpo run", file=sys.stderr)
-        return 2
-    from .hub import HubPushError, PushRefusedError, push_output_dir  # no torch: a push starts in a second
+    from .hub import push_run  # no torch: a push starts in a second
 
-    try:
-        url = push_output_dir(
-            output_dir, args.repo_id, token=args.token, private=args.private, revision=args.revision
+    def push(_):
+        url = push_run(
+            args.output_dir, args.repo_id, token=args.token, private=args.private, revision=args.revision
         )
-    except PushRefusedError as err:  # nothing was sent: a bad repo id, a token in a file, ...
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except HubPushError as err:
-        print(f"error: {err}", file=sys.stderr)  # the message ends with the command that retries
-        return 4
-    print(f"pushed {output_dir} to {url}")
-    return 0
+        print(f"pushed {args.output_dir} to {url}")
+        return 0
+
+    return run_guarded(push, None)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

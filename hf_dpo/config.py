@@ -6,12 +6,16 @@ which way to turn it. Everything not defined here is `transformers.TrainingArgum
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .losses import LOSS_TYPES
+from .losses import LOSS_TYPES, validate_loss_options
 from .tiny import TINY_MODEL_NAME
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,7 +74,8 @@ class ModelArguments:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank: higher adapts more, costs more memory."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_dropout: float = field(
-        default=0.05, metadata={"help": "Dropout on the LoRA input (0 with disable_dropout)."}
+        default=0.05,
+        metadata={"help": "Dropout on the input of the trained LoRA adapter (kept under disable_dropout)."},
     )
     lora_target_modules: list[str] | None = field(
         default=None,
@@ -127,15 +132,56 @@ class DPOConfig(TrainingArguments):
         default=0.1,
         metadata={"help": "KL strength: higher keeps the policy closer to the reference (typ. 0.01-0.5)."},
     )
-    loss_type: str = field(
-        default="sigmoid", metadata={"help": f"Preference loss: one of {', '.join(LOSS_TYPES)}."}
+    # ---- the loss (see hf_dpo.losses.LOSSES for which loss reads which option)
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={
+            "help": "Preference loss, or several combined with loss_weights (`--loss_type sigmoid sft`): "
+            f"{', '.join(LOSS_TYPES)}."
+        },
+    )
+    loss_weights: list[float] | None = field(
+        default=None,
+        metadata={"help": "One weight per loss_type entry (the loss is their weighted sum); default 1 each."},
     )
     label_smoothing: float = field(
         default=0.0,
         metadata={
-            "help": "Assumed label-noise rate eps for sigmoid (cDPO) and robust losses; 0 is plain DPO."
+            "help": "Label noise eps in [0, 0.5): cDPO for sigmoid, sigmoid_norm, simpo, aot, "
+            "aot_unpaired; the flip rate for robust; EXO's eps for exo_pair (needed there, e.g. 1e-3). "
+            "0 is plain DPO."
         },
     )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "Divergence from the reference (f-DPO): reverse_kl (DPO), forward_kl, js_divergence, "
+            "alpha_divergence; other than reverse_kl only for losses on the chosen-rejected score."
+        },
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5,
+        metadata={"help": "alpha in (0, 1) of alpha_divergence: towards 0 reverse KL, towards 1 forward KL."},
+    )
+    ld_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "LD-DPO: weight in [0, 1] of the tokens beyond the shorter completion (policy and "
+            "reference); lower counts length less. None (default) is 1."
+        },
+    )
+    use_weighting: bool = field(
+        default=False,
+        metadata={"help": "WPO: weight each pair by how likely the policy is to produce its completions."},
+    )
+    discopop_tau: float = field(
+        default=0.05, metadata={"help": "Temperature of the discopop loss (paper: 0.05)."}
+    )
+    simpo_gamma: float = field(
+        default=0.5,
+        metadata={"help": "Target reward margin of the simpo loss (with beta ~2 as in the SimPO paper)."},
+    )
+    # ---- end of the loss block
     reference_free: bool = field(
         default=False, metadata={"help": "Take the reference log-probs as 0 (no reference model)."}
     )
@@ -144,11 +190,18 @@ class DPOConfig(TrainingArguments):
         metadata={"help": "Sequence log-prob: 'sum' over completion tokens (the paper) or 'mean' per token."},
     )
     max_length: int | None = field(
-        default=1024, metadata={"help": "Max tokens of prompt + completion; longer rows are truncated."}
+        default=1024,
+        metadata={
+            "help": "Max tokens of prompt + completion; a longer row is cut: the prompt from the left, then the "
+            "completions from the right. None: no limit."
+        },
     )
     max_prompt_length: int | None = field(
-        default=512,
-        metadata={"help": "When a row is too long, the prompt is first cut from the left to this."},
+        default=None,
+        metadata={
+            "help": "If set (< max_length), a too-long row's prompt is first cut from the left to this many tokens. "
+            "Unset: the prompt is cut only as far as the completions need room."
+        },
     )
     precompute_ref_log_probs: bool = field(
         default=False,
@@ -164,7 +217,18 @@ class DPOConfig(TrainingArguments):
         },
     )
     disable_dropout: bool = field(
-        default=True, metadata={"help": "Set every dropout to 0 so policy and reference passes agree."}
+        default=True,
+        metadata={
+            "help": "Set the model's dropout to 0 so policy and reference passes agree (the trained adapter keeps "
+            "lora_dropout: the reference never runs it)."
+        },
+    )
+    ref_adapter_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Use this adapter of the model (loaded with model.load_adapter) as the frozen reference "
+            "policy. Default: the base model for a fresh adapter, a frozen copy for an already trained one."
+        },
     )
     pad_to_multiple_of: int | None = field(
         default=None, metadata={"help": "Round padded batch length up to a multiple of this (e.g. 8)."}
@@ -195,29 +259,85 @@ class DPOConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every N update steps."})
 
     def __post_init__(self):
+        if _launched_processes() > 1 and not self.use_cpu and not _has_accelerator():
+            # torchrun / accelerate launch on a machine without GPUs: one data-parallel job on CPU (gloo), never
+            # N independent runs writing the same output_dir.
+            logger.info(
+                "%d processes and no GPU: training data-parallel on CPU (use_cpu)", _launched_processes()
+            )
+            self.use_cpu = True
         super().__post_init__()
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
-        if self.logp_reduction not in ("sum", "mean"):
-            raise ValueError(f"logp_reduction must be 'sum' or 'mean', got {self.logp_reduction!r}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.nonfinite_action not in ("stop", "skip"):
-            raise ValueError(f"nonfinite_action must be 'stop' or 'skip', got {self.nonfinite_action!r}")
-        if (
-            self.max_length is not None
-            and self.max_prompt_length is not None
-            and (self.max_prompt_length >= self.max_length)
-        ):
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length})"
-            )
-        if self.padding_free and self.pad_to_multiple_of is not None:
-            raise ValueError(
-                "pad_to_multiple_of has no effect with padding_free=True (nothing is padded); unset one"
-            )
+        refuse_ignored_options(self)
         if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
             # Non-reentrant checkpointing works with frozen 4-bit weights and LoRA.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+
+
+def _launched_processes() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.accelerator.is_available()
+
+
+def refuse_ignored_options(args: DPOConfig) -> None:
+    """Raise ValueError naming the options for a setting that would be ignored or cannot work together.
+    Which loss reads which option is losses.py's knowledge (validate_loss_options)."""
+    args.loss_type = validate_loss_options(
+        args.loss_type,
+        args.loss_weights,
+        beta=args.beta,
+        label_smoothing=args.label_smoothing,
+        reference_free=args.reference_free,
+        f_divergence_type=args.f_divergence_type,
+        f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+        ld_alpha=args.ld_alpha,
+        use_weighting=args.use_weighting,
+        discopop_tau=args.discopop_tau,
+        simpo_gamma=args.simpo_gamma,
+        logp_reduction=args.logp_reduction,
+        precompute_ref_log_probs=args.precompute_ref_log_probs,
+    )
+    choices = {"logp_reduction": ("sum", "mean"), "nonfinite_action": ("stop", "skip")}
+    for name, allowed in choices.items():
+        if getattr(args, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}")
+    for name in ("max_length", "max_prompt_length", "pad_to_multiple_of", "logp_chunk_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be a positive number or unset, got {value}")
+    if (
+        args.max_length is not None
+        and args.max_prompt_length is not None
+        and args.max_prompt_length >= args.max_length
+    ):
+        raise ValueError(
+            f"max_prompt_length ({args.max_prompt_length}) must be smaller than max_length ({args.max_length}), "
+            "or unset it: the prompt is then cut only as far as the completions need"
+        )
+    conflicts = [
+        (
+            args.padding_free and args.pad_to_multiple_of is not None,
+            "pad_to_multiple_of",
+            "padding_free",
+            "nothing is padded",
+        ),
+        (
+            args.reference_free and args.precompute_ref_log_probs,
+            "precompute_ref_log_probs",
+            "reference_free",
+            "there is no reference",
+        ),
+        (
+            args.reference_free and args.ref_adapter_name is not None,
+            "ref_adapter_name",
+            "reference_free",
+            "there is no reference",
+        ),
+    ]
+    for conflict, ignored, setting, why in conflicts:
+        if conflict:
+            raise ValueError(f"{ignored} has no effect with {setting} ({why}); unset one of them")

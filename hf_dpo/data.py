@@ -67,14 +67,10 @@ _MAX_DROP_WARNINGS = 10  # per split: the first few dropped rows are named, the 
 
 
 def bundled_data_path() -> Path:
-    """The sample data (seed format): ``<repo>/data/dpo_data.jsonl`` in a source checkout, else the copy a
-    wheel carries inside the package."""
-    in_checkout = Path(__file__).resolve().parent.parent / "data" / "dpo_data.jsonl"
-    return (
-        in_checkout
-        if in_checkout.is_file()
-        else Path(__file__).resolve().parent / "_bundled" / "dpo_data.jsonl"
-    )
+    """The bundled sample data (seed format), data/dpo_data.jsonl."""
+    from .resources import bundled_file
+
+    return bundled_file("data/dpo_data.jsonl")
 
 
 class PreferenceDataError(ValueError):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from .cli import run_guarded, usage_errors
 from .config import DataArguments, DPOConfig, ModelArguments
 
 USAGE = (
@@ -34,31 +35,31 @@ USAGE = (
 
 def evaluate_cli(argv: list[str]) -> int:
     """Exit 0 with the metrics on stdout; 2 with one line on stderr for a bad adapter, flag or data."""
-    from .data import PreferenceDataError
-    from .yaml_args import parse_args
-
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    argv = list(argv)
-    if "--adapter" in argv[:-1]:
-        at = argv.index("--adapter")
-        adapter_dir, rest = Path(argv[at + 1]), argv[:at] + argv[at + 2 :]
-    elif not argv[0].startswith("-"):
-        adapter_dir, rest = Path(argv[0]), argv[1:]
-    else:
-        print(f"error: which adapter? pass --adapter DIR\n{USAGE}", file=sys.stderr)
-        return 2
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        print(f"error: {adapter_dir} holds no adapter_config.json: not a LoRA adapter", file=sys.stderr)
-        return 2
-    rest = [*rest, *_run_settings(adapter_dir, rest)]
-    write_to = rest[rest.index("--output_dir") + 1] if "--output_dir" in rest[:-1] else str(adapter_dir)
-    with tempfile.TemporaryDirectory(prefix="hf_dpo_eval_") as scratch:
-        if "--output_dir" not in rest:
-            rest = [*rest, "--output_dir", scratch]  # the Trainer's own scratch; results go to write_to
-        try:
+    return run_guarded(_evaluate_main, list(argv))
+
+
+def _evaluate_main(argv: list[str]) -> int:
+    from .yaml_args import parse_args
+
+    with usage_errors():
+        if "--adapter" in argv[:-1]:
+            at = argv.index("--adapter")
+            adapter_dir, rest = Path(argv[at + 1]), argv[:at] + argv[at + 2 :]
+        elif not argv[0].startswith("-"):
+            adapter_dir, rest = Path(argv[0]), argv[1:]
+        else:
+            raise ValueError(f"which adapter? pass --adapter DIR\n{USAGE}")
+        config_file = adapter_dir / "adapter_config.json"
+        if not config_file.is_file():
+            raise ValueError(f"{adapter_dir} holds no adapter_config.json: not a LoRA adapter")
+        rest = [*rest, *_run_settings(adapter_dir, rest)]
+        write_to = rest[rest.index("--output_dir") + 1] if "--output_dir" in rest[:-1] else str(adapter_dir)
+        with tempfile.TemporaryDirectory(prefix="hf_dpo_eval_") as scratch:
+            if "--output_dir" not in rest:
+                rest = [*rest, "--output_dir", scratch]  # the Trainer's own scratch; results go to write_to
             parser = HfArgumentParser((ModelArguments, DataArguments, DPOConfig))
             model_args, data_args, args = parse_args(parser, rest)
             if "--model_name_or_path" not in rest:
@@ -67,12 +68,6 @@ def evaluate_cli(argv: list[str]) -> int:
             model_args.adapter_name_or_path = str(adapter_dir)
             args.report_to = []
             metrics = evaluate_adapter(model_args, data_args, args)
-        except PreferenceDataError as err:
-            print(f"error: bad preference data: {err}", file=sys.stderr)
-            return 2
-        except (ValueError, OSError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
     print(json.dumps(metrics, indent=2))
     Path(write_to).mkdir(parents=True, exist_ok=True)
     (Path(write_to) / "eval_results.json").write_text(json.dumps(metrics, indent=2))
@@ -83,6 +78,13 @@ def evaluate_cli(argv: list[str]) -> int:
 # loss of an IPO adapter or one trained with beta 0.01 means something else under the defaults.
 RUN_SETTINGS = (
     "loss_type",
+    "loss_weights",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "ld_alpha",
+    "use_weighting",
+    "discopop_tau",
+    "simpo_gamma",
     "beta",
     "label_smoothing",
     "reference_free",
@@ -103,7 +105,8 @@ def _run_settings(adapter_dir: Path, argv: list[str]) -> list[str]:
         value = training.get(name) if isinstance(training, dict) else None
         if value is None or f"--{name}" in argv or any(a.startswith(f"--{name}=") for a in argv):
             continue
-        flags += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+        values = value if isinstance(value, list) else [value]
+        flags += [f"--{name}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
     return flags
 
 
@@ -113,7 +116,8 @@ def evaluate_adapter(model_args: ModelArguments, data_args: DataArguments, args:
     from .modeling import load_model
     from .trainer import DPOTrainer
 
-    loaded = load_model(model_args, use_cpu=args.use_cpu, adapter_is_reference=False)
+    loaded = load_model(model_args, use_cpu=args.use_cpu)
+    loaded.model.requires_grad_(False)  # evaluated, not trained: the reference is then the base model
     source = data_args.dataset_name or str(bundled_data_path())
     common = dict(
         dataset_config=data_args.dataset_config,

@@ -8,6 +8,12 @@ completion token are taken, and they are processed `chunk_size` at a time, in fo
 [chunk, vocab] fp32 block. `sequence_logps_from_hidden` goes one step further and fuses the LM head, so
 the [tokens, vocab] logits are never materialised at all.
 
+The same chunks give per-token statistics of the next-token distribution on request (`with_stats`): its
+entropy, whether its top-1 token is the completion token, and log sum_v p_v^2 (WPO). They are computed in
+place in the chunk's block, so the memory bound holds, and summed per sequence without gradients.
+LD-DPO (`ld_alpha`) weighs the tokens beyond the shortest completion of the same prompt by alpha when the
+per-sequence sums are formed, for the policy and the reference alike.
+
 Position convention: `input_ids[:, t]` is predicted by the output at position t - 1. `completion_mask`
 marks completion tokens in input positions (1 on the completion tokens and their EOS; 0 on the prompt
 and padding). For packed (padding-free) rows, `position_ids` restarts at 0 for each sequence.
@@ -16,6 +22,7 @@ and padding). For packed (padding-free) rows, `position_ids` restarts at 0 for e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -24,16 +31,46 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 24  # fp32 elements per chunk (64 MiB): [chunk_siz
 
 @dataclass
 class SequenceLogps:
-    """Per-sequence results, each of shape (S,), S the number of sequences in the batch.
+    """Per-sequence results: (S,) tensors, S the number of sequences, or (B, K) after `by_row`.
 
-    logps: sum (or mean, with reduction="mean") of completion-token log-probs.
+    logps: sum (or mean, with reduction="mean") of completion-token log-probs; with ld_alpha, the tokens
+        beyond the shortest completion of the same prompt weigh ld_alpha (LD-DPO). What the losses compare.
     token_counts: number of completion tokens.
     logit_sums: sum over completion tokens of the vocab-mean logit (for the `logits/*` metrics).
+    token_logp_sums: the plain sum of completion-token log-probs (no mean, no LD weighting), with gradients;
+        the same tensor as `logps` when reduction="sum" and ld_alpha is None. The sft loss reads it.
+    With with_stats=True (detached, else None), sums over completion tokens of:
+    entropy_sums: the entropy of the next-token distribution, -sum_v p_v log p_v.
+    top1_hits: 1 where the most likely token is the completion token (ties: the first maximum).
+    log_sum_sq_prob_sums: log sum_v p_v^2 (WPO's per-token normaliser).
     """
 
     logps: torch.Tensor
     token_counts: torch.Tensor
     logit_sums: torch.Tensor
+    token_logp_sums: torch.Tensor | None = None
+    entropy_sums: torch.Tensor | None = None
+    top1_hits: torch.Tensor | None = None
+    log_sum_sq_prob_sums: torch.Tensor | None = None
+
+    def by_row(self, num_rows: int) -> SequenceLogps:
+        """(K*B,) completion-major values -> (B, K): column k holds the k-th response of each prompt."""
+        return SequenceLogps(
+            **{
+                name: None if value is None else value.view(-1, num_rows).t()
+                for name, value in vars(self).items()
+            }
+        )
+
+
+class TokenLogps(NamedTuple):
+    """Per-position results of `token_logps`, each (M,) fp32; the statistics are None unless requested."""
+
+    logps: torch.Tensor  # log p(target), with gradients
+    mean_logits: torch.Tensor  # the vocab-mean logit
+    entropy: torch.Tensor | None = None
+    top1: torch.Tensor | None = None  # 1.0 where argmax == target
+    log_sum_sq_probs: torch.Tensor | None = None  # log sum_v p_v^2
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -43,8 +80,9 @@ def default_chunk_size(vocab_size: int) -> int:
 class _ChunkedTokenLogps(torch.autograd.Function):
     """log p(target) for M positions, from hidden states and an optional LM head, chunk by chunk.
 
-    forward(hidden (M, H), weight (V, H) or None, bias (V,) or None, targets (M,), chunk_size)
-        -> (token_logps (M,) fp32, mean_logits (M,) fp32, non-differentiable)
+    forward(hidden (M, H), weight (V, H) or None, bias (V,) or None, targets (M,), chunk_size, with_stats)
+        -> (token_logps (M,) fp32, stats (M, 1) or (M, 4) fp32, non-differentiable)
+    stats columns: the vocab-mean logit, then with_stats: entropy, top-1 hit, log sum_v p_v^2.
     With weight None, `hidden` already holds the logits (M, V).
     """
 
@@ -59,25 +97,33 @@ class _ChunkedTokenLogps(torch.autograd.Function):
         return logits.float()
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, with_stats):
         num = hidden.shape[0]
         token_logps = hidden.new_empty(num, dtype=torch.float32)
-        mean_logits = hidden.new_empty(num, dtype=torch.float32)
+        stats = hidden.new_empty(num, 4 if with_stats else 1, dtype=torch.float32)
         lse = hidden.new_empty(num, dtype=torch.float32)
         for start in range(0, num, chunk_size):
             end = min(start + chunk_size, num)
+            chunk_targets = targets[start:end]
             logits = _ChunkedTokenLogps._logits(hidden[start:end], weight, bias)
             chunk_lse = torch.logsumexp(logits, dim=-1)
-            token_logps[start:end] = logits.gather(1, targets[start:end, None]).squeeze(1) - chunk_lse
-            mean_logits[start:end] = logits.mean(-1)
+            token_logps[start:end] = logits.gather(1, chunk_targets[:, None]).squeeze(1) - chunk_lse
+            stats[start:end, 0] = logits.mean(-1)
             lse[start:end] = chunk_lse
+            if with_stats:
+                stats[start:end, 2] = logits.argmax(-1) == chunk_targets
+                # In place, so that the chunk's one [chunk, vocab] block is all the memory these take:
+                # logits -> probabilities p, then p log p.
+                probs = logits.sub_(chunk_lse[:, None]).exp_()
+                stats[start:end, 3] = 2 * torch.linalg.vector_norm(probs, 2, dim=-1).log()
+                stats[start:end, 1] = -probs.xlogy_(probs).sum(-1)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk_size = chunk_size
-        ctx.mark_non_differentiable(mean_logits)
-        return token_logps, mean_logits
+        ctx.mark_non_differentiable(stats)
+        return token_logps, stats
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_mean_logits):
+    def backward(ctx, grad_logps, _grad_stats):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
@@ -105,7 +151,7 @@ class _ChunkedTokenLogps(torch.autograd.Function):
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def token_logps(
@@ -114,14 +160,19 @@ def token_logps(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_stats: bool = False,
+) -> TokenLogps:
     """log p(targets) for M positions: (M, H) hidden states (or (M, V) logits when weight is None).
 
-    Returns (token_logps (M,), mean_logits (M,)), fp32; only the first carries gradients.
+    Returns `TokenLogps`, (M,) fp32 tensors; only `logps` carries gradients. with_stats=True adds the
+    per-token entropy, top-1 hit and log sum_v p_v^2, from the same chunks (no second pass, no extra block).
     """
     vocab = hidden.shape[-1] if weight is None else weight.shape[0]
     chunk = chunk_size or default_chunk_size(vocab)
-    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk)
+    logps, stats = _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk, with_stats)
+    if not with_stats:
+        return TokenLogps(logps, stats[:, 0])
+    return TokenLogps(logps, stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3])
 
 
 def completion_positions(
@@ -155,23 +206,68 @@ def completion_positions(
     return predictor_mask, targets, sequence_index, num_sequences
 
 
+def length_desensitized_weights(
+    sequence_index: torch.Tensor, token_counts: torch.Tensor, sequence_group: torch.Tensor, ld_alpha: float
+) -> torch.Tensor:
+    """LD-DPO token weights (Liu et al. 2024, "Length Desensitization in DPO"): 1 for a sequence's first n
+    completion tokens, n the length of the shortest non-empty completion of its prompt, ld_alpha after.
+
+    Args:
+        sequence_index: (M,) the sequence of each scored token; a sequence's tokens come in order.
+        token_counts: (S,) completion tokens per sequence. sequence_group: (S,) the prompt of each
+            sequence, an id in [0, S).
+    Returns:
+        (M,) weights, detached.
+    """
+    counts = token_counts.long()
+    order = torch.argsort(sequence_index, stable=True)  # tokens grouped by sequence, in order within each
+    first_slot = counts.cumsum(0) - counts
+    position = torch.empty_like(sequence_index)
+    position[order] = torch.arange(order.numel(), device=order.device) - first_slot[sequence_index[order]]
+    no_limit = torch.iinfo(counts.dtype).max
+    # One slot per sequence bounds the number of prompts, and needs no device sync to size.
+    shared = torch.full((sequence_group.numel(),), no_limit, dtype=counts.dtype, device=counts.device)
+    shared = shared.scatter_reduce(0, sequence_group, counts.masked_fill(counts == 0, no_limit), "amin")
+    within = position < shared[sequence_group[sequence_index]]
+    return torch.where(within, 1.0, ld_alpha).to(torch.float32)
+
+
 def _reduce(
-    per_token: torch.Tensor,
-    mean_logits: torch.Tensor,
+    tokens: TokenLogps,
     sequence_index: torch.Tensor,
     num_sequences: int,
     reduction: str,
+    ld_alpha: float | None = None,
+    sequence_group: torch.Tensor | None = None,
 ) -> SequenceLogps:
     if reduction not in ("sum", "mean"):
         raise ValueError(f"logp_reduction must be 'sum' or 'mean', got {reduction!r}")
+    per_token = tokens.logps
     zeros = per_token.new_zeros(num_sequences)
-    logps = zeros.index_add(0, sequence_index, per_token)
-    counts = zeros.detach().index_add(0, sequence_index, torch.ones_like(per_token.detach()))
-    logit_sums = zeros.detach().index_add(0, sequence_index, mean_logits.detach())
+
+    def detached_sums(values):
+        return None if values is None else zeros.detach().index_add(0, sequence_index, values.detach())
+
+    counts = detached_sums(torch.ones_like(per_token))
+    token_logp_sums = zeros.index_add(0, sequence_index, per_token)
+    logps = token_logp_sums
+    if ld_alpha is not None:
+        if sequence_group is None:
+            raise ValueError("ld_alpha needs sequence_group: the prompt (row) of each sequence")
+        weights = length_desensitized_weights(sequence_index, counts, sequence_group, ld_alpha)
+        logps = zeros.index_add(0, sequence_index, per_token * weights)
     if reduction == "mean":
         # The seed's option: average per completion token (the paper sums).
         logps = logps / counts.clamp(min=1)
-    return SequenceLogps(logps=logps, token_counts=counts, logit_sums=logit_sums)
+    return SequenceLogps(
+        logps=logps,
+        token_counts=counts,
+        logit_sums=detached_sums(tokens.mean_logits),
+        token_logp_sums=token_logp_sums,
+        entropy_sums=detached_sums(tokens.entropy),
+        top1_hits=detached_sums(tokens.top1),
+        log_sum_sq_prob_sums=detached_sums(tokens.log_sum_sq_probs),
+    )
 
 
 def sequence_logps(
@@ -181,6 +277,9 @@ def sequence_logps(
     reduction: str = "sum",
     chunk_size: int | None = None,
     position_ids: torch.Tensor | None = None,
+    with_stats: bool = False,
+    ld_alpha: float | None = None,
+    sequence_group: torch.Tensor | None = None,
 ) -> SequenceLogps:
     """Per-sequence completion log-probs from full logits.
 
@@ -189,6 +288,10 @@ def sequence_logps(
         input_ids, completion_mask: (R, T). position_ids: (R, T) for packed rows, else None.
         reduction: "sum" (the paper) or "mean" (divide by the completion length).
         chunk_size: positions per chunk; default keeps one chunk at <= 64 MiB fp32.
+        with_stats: also the per-sequence entropy, top-1 and log sum p^2 sums (see `SequenceLogps`).
+        ld_alpha: LD-DPO weight of the tokens beyond the shortest completion of the same prompt; None: 1.
+        sequence_group: (S,) the prompt of each sequence, ids in [0, S) (needed with ld_alpha); for the
+            collator's completion-major batches of B prompts, ``arange(S) % B``.
     Returns:
         SequenceLogps with (S,) tensors.
     """
@@ -196,8 +299,8 @@ def sequence_logps(
         input_ids, completion_mask, position_ids
     )
     selected = logits[:, :-1][predictor_mask]  # (M, V)
-    per_token, mean_logits = token_logps(selected, targets, chunk_size=chunk_size)
-    return _reduce(per_token, mean_logits, sequence_index, num_sequences, reduction)
+    tokens = token_logps(selected, targets, chunk_size=chunk_size, with_stats=with_stats)
+    return _reduce(tokens, sequence_index, num_sequences, reduction, ld_alpha, sequence_group)
 
 
 def sequence_logps_from_hidden(
@@ -209,6 +312,9 @@ def sequence_logps_from_hidden(
     chunk_size: int | None = None,
     position_ids: torch.Tensor | None = None,
     lm_head_bias: torch.Tensor | None = None,
+    with_stats: bool = False,
+    ld_alpha: float | None = None,
+    sequence_group: torch.Tensor | None = None,
 ) -> SequenceLogps:
     """Per-sequence completion log-probs from the final hidden states, with the LM head fused in.
 
@@ -222,5 +328,5 @@ def sequence_logps_from_hidden(
         input_ids, completion_mask, position_ids
     )
     selected = hidden_states[:, :-1][predictor_mask]  # (M, H)
-    per_token, mean_logits = token_logps(selected, targets, lm_head_weight, lm_head_bias, chunk_size)
-    return _reduce(per_token, mean_logits, sequence_index, num_sequences, reduction)
+    tokens = token_logps(selected, targets, lm_head_weight, lm_head_bias, chunk_size, with_stats)
+    return _reduce(tokens, sequence_index, num_sequences, reduction, ld_alpha, sequence_group)

@@ -1,12 +1,15 @@
-"""Load the base model (4-bit, 8-bit or full precision), attach or continue a LoRA adapter, and give the
-trainer the reference policy as a context on the same model."""
+"""The model side: load a (4-bit) base with a LoRA adapter, prepare any model once for DPO, and choose the
+reference policy the trainer compares against."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import logging
 import os
+import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,7 +22,11 @@ from .tiny import resolve_model_path
 
 logger = logging.getLogger(__name__)
 
-REFERENCE_ADAPTER = "reference"
+REFERENCE_ADAPTER = "reference"  # the frozen copy of a trained adapter that the trainer adds
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPES.update(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
+_PREPARED: weakref.WeakSet = weakref.WeakSet()  # models prepare_model has already seen
 
 
 @dataclass
@@ -28,23 +35,14 @@ class LoadedModel:
     tokenizer: object
     base_model_name: str  # what the user asked for (a Hub id or path), for the model card
     quantization: str  # e.g. "4-bit nf4 (compute float32)"
-    has_reference_adapter: bool
 
 
 def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
     if name in (None, "auto"):
         return default
-    dtypes = {
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "float32": torch.float32,
-        "fp32": torch.float32,
-    }
-    if name not in dtypes:
+    if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; choose one of auto, bfloat16, float16, float32")
-    return dtypes[name]
+    return _DTYPES[name]
 
 
 def pick_device(use_cpu: bool = False) -> torch.device:
@@ -65,33 +63,40 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     return tokenizer
 
 
+def lora_config_from(model_args: ModelArguments):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or "all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
 def load_model(
     model_args: ModelArguments,
     *,
+    peft_config=None,
     use_cpu: bool = False,
     gradient_checkpointing: bool = False,
     gradient_checkpointing_kwargs: dict | None = None,
-    adapter_is_reference: bool = True,
 ) -> LoadedModel:
-    """Load the base model, prepare it for k-bit training and attach (or continue) a LoRA adapter.
-
-    With `adapter_name_or_path`, the loaded adapter is trained further and (if `adapter_is_reference`) a frozen
-    copy of it is the reference; otherwise the reference is the base model with the adapter disabled.
-    """
-    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    """Load the base model (4-bit, 8-bit or full precision) and attach a LoRA adapter to train: a new one
+    (`peft_config`, else the `lora_*` fields), or `adapter_name_or_path` to continue (the trainer then makes
+    a frozen copy of it the reference policy)."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    path = resolve_model_path(model_args.model_name_or_path)
     device = pick_device(use_cpu)
     on_gpu = device.type == "cuda"
     default_compute = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
     compute_dtype = _dtype(model_args.bnb_4bit_compute_dtype, default_compute)
     weights_dtype = _dtype(model_args.torch_dtype, compute_dtype)
-
     quantization_config = None
     if model_args.load_in_8bit:
         quantization_config = BitsAndBytesConfig(load_in_8bit=True)
-        quantization = "8-bit (bitsandbytes LLM.int8)"
     elif model_args.load_in_4bit:
         quantization_config = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -101,18 +106,9 @@ def load_model(
             # Stored in the compute dtype so FSDP can shard the 4-bit weights like any other tensor.
             bnb_4bit_quant_storage=compute_dtype if on_gpu else torch.uint8,
         )
-        quantization = (
-            f"4-bit {model_args.bnb_4bit_quant_type}{' nested' if model_args.use_bnb_nested_quant else ''} "
-            f"(compute {str(compute_dtype).removeprefix('torch.')})"
-        )
-    else:
-        quantization = f"none ({str(weights_dtype).removeprefix('torch.')})"
-
-    kwargs = {}
-    if model_args.attn_implementation:
-        kwargs["attn_implementation"] = model_args.attn_implementation
+    kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
-        path,
+        resolve_model_path(model_args.model_name_or_path),
         revision=model_args.model_revision,
         quantization_config=quantization_config,
         dtype=weights_dtype,
@@ -123,55 +119,108 @@ def load_model(
         **kwargs,
     )
     model.config.use_cache = False
-    if quantization_config is not None:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs or {"use_reentrant": False},
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs or {"use_reentrant": False})
-        model.enable_input_require_grads()
-
-    has_reference_adapter = False
     if model_args.adapter_name_or_path:
-        # Continue training the given adapter; a second, frozen copy of it is the reference policy.
-        model = PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
-        if adapter_is_reference:
-            model.load_adapter(
-                model_args.adapter_name_or_path, adapter_name=REFERENCE_ADAPTER, is_trainable=False
-            )
-            has_reference_adapter = True
+        if peft_config is not None:
+            raise ValueError("give adapter_name_or_path (an adapter to continue) or peft_config, not both")
+        _prepare_kbit(model, gradient_checkpointing, gradient_checkpointing_kwargs)
+        with _peft_reads_a_deprecated_property():
+            model = PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
     else:
-        lora_config = LoraConfig(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules=model_args.lora_target_modules or "all-linear",
-            task_type="CAUSAL_LM",
+        model = attach_adapter(
+            model,
+            peft_config or lora_config_from(model_args),
+            gradient_checkpointing,
+            gradient_checkpointing_kwargs,
         )
-        model = get_peft_model(model, lora_config)
     guard_cpu_4bit_repacking(model)
-
     tokenizer = load_tokenizer(
         model_args.tokenizer_name_or_path or model_args.model_name_or_path,
         trust_remote_code=model_args.trust_remote_code,
         revision=model_args.model_revision,
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
     logger.info(
-        "hf_dpo model: %s on %s, quantization %s, LoRA trainable %d of %d params, reference: %s",
+        "hf_dpo model: %s on %s, quantization %s, LoRA trainable %d of %d params",
         model_args.model_name_or_path,
         device,
-        quantization,
+        describe_quantization(model),
         trainable,
-        total,
-        "frozen copy of the loaded adapter"
-        if has_reference_adapter
-        else "base model with the adapter disabled",
+        sum(p.numel() for p in model.parameters()),
     )
-    return LoadedModel(model, tokenizer, model_args.model_name_or_path, quantization, has_reference_adapter)
+    return LoadedModel(model, tokenizer, model_args.model_name_or_path, describe_quantization(model))
+
+
+def _prepare_kbit(model: nn.Module, gradient_checkpointing: bool, kwargs: dict | None) -> None:
+    """peft's preparation of a quantised base (norms in fp32, input grads for checkpointing); plain models only
+    need checkpointing switched on."""
+    kwargs = kwargs or {"use_reentrant": False}
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=kwargs
+        )
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(kwargs)
+        model.enable_input_require_grads()
+
+
+def attach_adapter(model: nn.Module, peft_config, gradient_checkpointing=False, checkpointing_kwargs=None):
+    """`model` (a plain causal LM, quantised or not) with a new trainable LoRA adapter from `peft_config`."""
+    from peft import PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            "the model is already a PeftModel, so peft_config would be ignored: pass the base model with "
+            "peft_config, or the PeftModel without it"
+        )
+    _prepare_kbit(model, gradient_checkpointing, checkpointing_kwargs)
+    with _peft_reads_a_deprecated_property():
+        return get_peft_model(model, peft_config)
+
+
+@contextlib.contextmanager
+def _peft_reads_a_deprecated_property() -> Iterator[None]:
+    """peft (0.21) wraps a model by reading transformers' deprecated `is_gradient_checkpointing`, which warns
+    on every run; nothing a user could change would stop it. Only that one warning, only around peft's call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
+def prepare_model(model: nn.Module, args, *, is_reference: bool = False) -> nn.Module:
+    """Make a model ready for DPO once (a second call does nothing): dropout off (`disable_dropout`) except in
+    the LoRA adapter being trained, the 4-bit repacking guard, and per-sequence attention for padding-free
+    batches. load_model's models and the user's own pass through here alike."""
+    if model in _PREPARED:
+        return model
+    if args.disable_dropout:
+        disable_dropout(model, keep_trained_lora=not is_reference)
+    guard_cpu_4bit_repacking(model)
+    if args.padding_free:
+        from .attention import use_varlen_attention
+
+        # sdpa/eager would attend across the whole packed row (N^2); attend within each sequence instead.
+        use_varlen_attention(model)
+    _PREPARED.add(model)
+    return model
+
+
+def describe_quantization(model: nn.Module) -> str:
+    base = unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    config = getattr(base.config, "quantization_config", None)
+    if config is None or not (
+        getattr(config, "load_in_4bit", False) or getattr(config, "load_in_8bit", False)
+    ):
+        return f"none ({str(base.dtype).removeprefix('torch.')})"
+    if config.load_in_8bit:
+        return "8-bit (bitsandbytes LLM.int8)"
+    nested = " nested" if config.bnb_4bit_use_double_quant else ""
+    compute = str(config.bnb_4bit_compute_dtype).removeprefix("torch.")
+    return f"4-bit {config.bnb_4bit_quant_type}{nested} (compute {compute})"
 
 
 def guard_cpu_4bit_repacking(model: nn.Module) -> int:
@@ -181,10 +230,8 @@ def guard_cpu_4bit_repacking(model: nn.Module) -> int:
     layout, after which LoRA gradients through that layer are silently wrong. Evaluation and reference passes
     must not change later training, so the fast inference path is turned off. Returns the layers touched.
     """
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        return 0
+    from bitsandbytes.nn import Linear4bit
+
     touched = 0
     for module in model.modules():
         if isinstance(module, Linear4bit):
@@ -201,10 +248,22 @@ def guard_cpu_4bit_repacking(model: nn.Module) -> int:
     return touched
 
 
-def disable_dropout(model: nn.Module) -> None:
-    """Zero every dropout (modules and attention-probability dropout), so policy and reference agree."""
+def disable_dropout(model: nn.Module, keep_trained_lora: bool = False) -> None:
+    """Zero every dropout (modules and attention-probability dropout), so policy and reference passes agree.
+
+    With `keep_trained_lora`, the dropout on the input of the adapter being trained stays as configured
+    (`lora_dropout`): the reference pass never runs that adapter, and at step 0 its output is 0 either way.
+    """
+    trained = set()
+    if keep_trained_lora:
+        peft_model = unwrap(model)
+        active = getattr(peft_model, "active_adapter", None)
+        for module in model.modules():
+            lora_dropout = getattr(module, "lora_dropout", None)
+            if isinstance(lora_dropout, nn.ModuleDict) and active in lora_dropout:
+                trained.add(lora_dropout[active])
     for module in model.modules():
-        if isinstance(module, nn.Dropout):
+        if isinstance(module, nn.Dropout) and module not in trained:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
@@ -217,26 +276,117 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-@contextlib.contextmanager
-def reference_policy(model: nn.Module) -> Iterator[None]:
-    """The reference policy on the same weights: the frozen reference adapter if one was loaded, else the
-    base model with every adapter disabled. Use under torch.no_grad()."""
+# ------------------------------------------------------------------------------------------ the reference
+
+
+@dataclass
+class Reference:
+    """Where reference log-probs come from: `adapter` (a frozen adapter of the same model), `disabled`
+    (the same model with its adapters off), `model` (a separate model), or `none` (reference-free)."""
+
+    kind: str
+    description: str
+    adapter: str | None = None
+    model: nn.Module | None = None
+
+
+def is_fresh_adapter(peft_model: nn.Module) -> bool:
+    """True if the active LoRA adapter adds nothing yet (every B matrix is zero, as after peft's default init),
+    so the model with its adapter disabled is exactly the model as it stands."""
+    active = peft_model.active_adapter
+    found = False
+    for name, param in peft_model.named_parameters():
+        if ("lora_B" in name or "lora_embedding_B" in name) and f".{active}" in name:
+            found = True
+            if bool(param.detach().ne(0).any()):
+                return False
+    return found
+
+
+def choose_reference(model: nn.Module, args, ref_model: nn.Module | None = None) -> Reference:
+    """The reference policy for `model`, as a TRL user expects it:
+
+    - `reference_free`: none; a separate `ref_model`: that model;
+    - `ref_adapter_name`: that adapter of the model, frozen;
+    - a fresh LoRA adapter (or one loaded only for evaluation, not trainable): the model with adapters off;
+    - a trained adapter being trained further (e.g. an SFT adapter): a frozen copy of it, added to the model;
+    - a model without adapter: a frozen copy of the model (full fine-tuning), unless reference log-probs are
+      precomputed, which the model itself gives before training.
+    """
+    if args.reference_free:
+        return Reference("none", "none (reference-free)")
+    if ref_model is not None:
+        return Reference("model", "a separate reference model", model=ref_model)
     peft_model = unwrap(model)
-    if REFERENCE_ADAPTER in getattr(peft_model, "peft_config", {}):
+    adapters = getattr(peft_model, "peft_config", {})
+    if args.ref_adapter_name:
+        if args.ref_adapter_name not in adapters:
+            raise ValueError(
+                f"ref_adapter_name={args.ref_adapter_name!r} is not an adapter of the model (it has "
+                f"{sorted(adapters) or 'none'}); load it first with model.load_adapter(path, adapter_name=...)"
+            )
+        _freeze_adapter(peft_model, args.ref_adapter_name)
+        return Reference(
+            "adapter", f"adapter {args.ref_adapter_name!r} (ref_adapter_name)", args.ref_adapter_name
+        )
+    if not adapters:
+        if args.precompute_ref_log_probs:
+            return Reference("model", "the model before training (precomputed)", model=model)
+        logger.info("no LoRA adapter and no ref_model: a frozen copy of the model is the reference policy")
+        return Reference(
+            "model", "a frozen copy of the model", model=copy.deepcopy(model).requires_grad_(False)
+        )
+    if REFERENCE_ADAPTER in adapters:
+        return Reference("adapter", "a frozen copy of the loaded adapter", REFERENCE_ADAPTER)
+    trainable = any(p.requires_grad for p in peft_model.parameters())
+    if not trainable or is_fresh_adapter(peft_model):
+        return Reference("disabled", "the base model with the LoRA adapter disabled")
+    active = peft_model.active_adapter
+    config = copy.deepcopy(adapters[active])
+    config.lora_dropout = 0.0  # the reference pass must be deterministic
+    peft_model.add_adapter(REFERENCE_ADAPTER, config)
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    set_peft_model_state_dict(
+        peft_model, get_peft_model_state_dict(peft_model, adapter_name=active), adapter_name=REFERENCE_ADAPTER
+    )
+    _freeze_adapter(peft_model, REFERENCE_ADAPTER)
+    logger.info(
+        "the model's adapter %r is already trained: a frozen copy of it is the reference policy, so the run "
+        "starts at loss ln 2 (pass ref_model=... or ref_adapter_name=... to choose another)",
+        active,
+    )
+    return Reference("adapter", "a frozen copy of the loaded adapter", REFERENCE_ADAPTER)
+
+
+def _freeze_adapter(peft_model: nn.Module, adapter: str) -> None:
+    for name, param in peft_model.named_parameters():
+        if f".{adapter}." in name:
+            param.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def reference_policy(model: nn.Module, reference: Reference) -> Iterator[nn.Module]:
+    """Yield the module to run for reference log-probs (use under torch.no_grad())."""
+    if reference.kind == "model":
+        yield reference.model
+        return
+    peft_model = unwrap(model)
+    if reference.kind == "adapter":
         active = peft_model.active_adapter
-        peft_model.base_model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+        peft_model.base_model.set_adapter(reference.adapter, inference_mode=True)
         try:
-            yield
+            yield model
         finally:
             peft_model.base_model.set_adapter(active)
-    elif hasattr(peft_model, "disable_adapter"):
+    elif reference.kind == "disabled":
         with peft_model.disable_adapter():
-            yield
+            yield model
     else:
-        raise ValueError(
-            "the model has no LoRA adapter to disable: pass a ref_model or precompute reference log-probs"
-        )
+        raise ValueError(f"no reference policy of kind {reference.kind!r}")
 
+
+# ------------------------------------------------------------------------------------------ the fused head
 
 # Model configs whose logits are post-processed after the LM head: the fused head would skip that.
 _LOGIT_POSTPROCESSING_ATTRS = (

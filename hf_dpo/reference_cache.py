@@ -2,8 +2,8 @@
 
 The cache key covers everything the values depend on: the base model (name, config, weight files), the
 reference adapter's weights, the tokenised data (its `datasets` fingerprint, which covers the rows and the
-tokenisation settings) and the log-prob reduction. Under several processes each rank computes a disjoint
-shard of the rows once, and every rank receives the full column.
+tokenisation settings), the log-prob reduction and LD-DPO's ld_alpha. Under several processes each rank
+computes a disjoint shard of the rows once, and every rank receives the full column.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .modeling import REFERENCE_ADAPTER, unwrap
+from .modeling import unwrap
 from .tiny import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -46,19 +46,18 @@ def _adapter_digest(model: torch.nn.Module, adapter: str) -> str:
 
 
 def reference_cache_key(trainer, dataset) -> str:
-    model = unwrap(trainer.ref_model if trainer.ref_model is not None else trainer.model)
+    reference = trainer.reference
+    model = unwrap(reference.model if reference.kind == "model" else trainer.model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     parts = {
         "version": CACHE_VERSION,
         "data": dataset._fingerprint,
         "model": _weights_signature(base),
-        "reference_adapter": (
-            _adapter_digest(model, REFERENCE_ADAPTER)
-            if REFERENCE_ADAPTER in getattr(model, "peft_config", {})
-            else None
-        ),
-        "separate_ref_model": trainer.ref_model is not None,
+        "reference": reference.kind,
+        # A reference adapter's (or a full reference model's trainable) weights are not in the base files.
+        "reference_weights": _adapter_digest(model, reference.adapter) if reference.adapter else None,
         "reduction": trainer.args.logp_reduction,
+        "ld_alpha": trainer.args.ld_alpha,  # LD-DPO weights the reference's tail tokens too
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

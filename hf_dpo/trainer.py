@@ -2,38 +2,54 @@
 
 One training step runs ONE policy forward over the concatenated [chosen; rejected] rows (B*K rows for K
 ranked responses), then gets the reference log-probs from the same model with the LoRA adapter disabled
-under no_grad (or from a frozen reference adapter, a separate `ref_model`, or precomputed columns). The
-loss itself is `losses.preference_loss`; this module only wires data, model and metrics together.
+under no_grad (or from a frozen reference adapter, a separate model, or precomputed columns). The loss itself
+is `losses.preference_loss`; this module wires data, model, metrics and publishing together through
+transformers' public hooks (compute_loss, log, save_model, create_model_card, push_to_hub, callbacks).
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import dataclasses
 import logging
 import os
-import re
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
-from .attention import use_varlen_attention
-from .collator import PreferenceCollator
-from .config import DPOConfig
-from .data import check_pairs_for_loss
-from .logps import SequenceLogps, sequence_logps, sequence_logps_from_hidden
-from .losses import preference_loss
-from .modeling import (
-    disable_dropout,
-    fusable_lm_head,
-    guard_cpu_4bit_repacking,
-    lm_head_returns_hidden_states,
-    reference_policy,
+from .callbacks import (
+    CheckpointMarker,
+    HubPushAtSave,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    SaveError,
+    as_save_error,
+    resolve_resume_checkpoint,
 )
-from .reference_cache import precompute_reference_logps
+from .collator import PreferenceCollator
+from .config import DPOConfig, ModelArguments
+from .logps import SequenceLogps, sequence_logps, sequence_logps_from_hidden
+from .losses import LOSSES, LossSpec, preference_loss
+from .modeling import (
+    REFERENCE_ADAPTER,
+    attach_adapter,
+    choose_reference,
+    describe_quantization,
+    fusable_lm_head,
+    lm_head_returns_hidden_states,
+    load_model,
+    load_tokenizer,
+    prepare_model,
+    reference_policy,
+    unwrap,
+)
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["DPOTrainer", "NonFiniteLossError", "SaveError"]
 
 METRIC_NAMES = (
     "rewards/chosen",
@@ -44,70 +60,74 @@ METRIC_NAMES = (
     "logps/rejected",
     "logits/chosen",
     "logits/rejected",
+    "entropy",  # mean per-token entropy of the next-token distribution, chosen and rejected completions
+    "mean_token_accuracy",  # top-1 accuracy on the chosen completion tokens
 )
-
-
-CHECKPOINT_COMPLETE = "hf_dpo_checkpoint_complete"
-
-
-class NonFiniteLossError(RuntimeError):
-    """A step produced a non-finite loss or gradient (the message names the step and the data rows)."""
 
 
 class DPOTrainer(Trainer):
     """Direct Preference Optimization on a (4-bit) base model with a LoRA adapter.
 
-    Args:
-        model: a peft model (see `hf_dpo.modeling.load_model`), or any causal LM with `ref_model` given.
-        args: DPOConfig.
-        train_dataset / eval_dataset: tokenised rows (`prompt_input_ids`, `completion_input_ids`, `source_line`),
-            or normalised rows from `load_preference_data` (tokenised here with `processing_class`).
-        processing_class: the tokenizer.
-        ref_model: optional separate reference model; default: the same model with the adapter disabled.
-        run_info: optional dict for the model card (base_model, datasets, quantization, lora settings).
+    Takes what a transformers or TRL user already has:
+        model: a peft model, a plain causal LM (with `peft_config`, or `ref_model`, or neither for full
+            fine-tuning against a frozen copy), or a model id / path loaded with `hf_dpo.load_model`.
+        ref_model: a separate reference model. Default: chosen from the model (see
+            `hf_dpo.modeling.choose_reference`): a fresh adapter is compared with the model without adapter, an
+            already trained adapter with a frozen copy of itself, `args.ref_adapter_name` with that adapter.
+        args: a DPOConfig, or a plain TrainingArguments (used with the DPO defaults). Never modified: the
+            trainer works on a copy, which holds no Hub token.
+        train_dataset / eval_dataset: rows in any hf_dpo record format (tokenised here with
+            `processing_class`, default: the model's tokenizer), or rows already tokenised by
+            `hf_dpo.tokenize_preference_dataset`. eval_dataset may be a dict of named splits.
+        peft_config: a peft LoraConfig to attach to a plain model (quantised models are prepared for k-bit
+            training first).
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        args: DPOConfig,
+        model: nn.Module | str,
+        ref_model: nn.Module | None = None,
+        args: DPOConfig | TrainingArguments | None = None,
+        data_collator=None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
-        ref_model: nn.Module | None = None,
-        data_collator=None,
         callbacks=None,
-        run_info: dict | None = None,
+        peft_config=None,
         **kwargs,
     ):
-        if not isinstance(args, DPOConfig):
-            raise TypeError(f"args must be a hf_dpo.DPOConfig, got {type(args).__name__}")
-        if processing_class is None:
-            raise ValueError("processing_class (the tokenizer) is required")
+        if isinstance(ref_model, TrainingArguments) and args is None:  # Trainer(model, args) positional
+            args, ref_model = ref_model, None
+        args = _private_copy(args)
         # The Hub token stays in memory only: never in training_args.bin or anything else written to disk.
-        self.hub_token = args.hub_token
-        self.push_requested = args.push_to_hub
-        args.hub_token = None
-        args.push_to_hub = (
-            False  # hf_dpo publishes itself (hf_dpo.publish), so a Hub outage cannot stop a run
-        )
-        if args.ddp_find_unused_parameters is None:
-            # Every LoRA weight takes part in every forward (frozen weights are not DDP's business), so
-            # DDP need not walk the autograd graph looking for unused ones each step.
-            args.ddp_find_unused_parameters = False
+        self._hub_token, args.hub_token = args.hub_token, None
+        # transformers' own pushes (which publish training_args.bin and its generic card) stay off: every
+        # push goes through push_to_hub / HubPushAtSave below, with the strategy the user chose.
+        self._hub_strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
+        args.hub_strategy = "end"
+        if not torch.accelerator.is_available():
+            args.dataloader_pin_memory = False  # nothing to pin to on CPU (and no warning at every epoch)
 
-        if args.disable_dropout:
-            disable_dropout(model)
-            if ref_model is not None:
-                disable_dropout(ref_model)
-        guard_cpu_4bit_repacking(model)
-        if args.padding_free:
-            # sdpa/eager would attend across the whole packed row (N^2); attend within each sequence instead.
-            use_varlen_attention(model)
-            if ref_model is not None:
-                use_varlen_attention(ref_model)
-        self.ref_model = ref_model
-        self.run_info = dict(run_info or {})
+        if isinstance(model, str):
+            loaded = load_model(
+                ModelArguments(model_name_or_path=model),
+                peft_config=peft_config,
+                use_cpu=args.use_cpu,
+                gradient_checkpointing=args.gradient_checkpointing,
+                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+            )
+            model, processing_class = loaded.model, processing_class or loaded.tokenizer
+        elif peft_config is not None:
+            model = attach_adapter(
+                model, peft_config, args.gradient_checkpointing, args.gradient_checkpointing_kwargs
+            )
+        prepare_model(model, args)
+        if ref_model is not None:
+            prepare_model(ref_model, args, is_reference=True).requires_grad_(False)
+        self.loss_spec = LossSpec.from_config(args)
+        self.reference = choose_reference(model, args, ref_model)
+        if processing_class is None:
+            processing_class = load_tokenizer(_model_name(model))
 
         # Under several processes the main one tokenises (and fills the `datasets` cache) first; the others
         # then read its cache instead of racing to write the same files.
@@ -119,15 +139,13 @@ class DPOTrainer(Trainer):
                 }
             else:
                 eval_dataset = self._tokenize(eval_dataset, processing_class, args, "eval")
-        for name, split in [("train", train_dataset), *_named_splits(eval_dataset)]:
-            if split is not None:  # a pairwise loss cannot take ranked rows: say so now, not at their step
-                check_pairs_for_loss(split, args.loss_type, f"<{name} dataset>", "source_line")
         if data_collator is None:
             data_collator = PreferenceCollator(
                 pad_token_id=processing_class.pad_token_id,
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 padding_free=args.padding_free,
             )
+        self.datasets_used = _dataset_names(train_dataset)
         super().__init__(
             model=model,
             args=args,
@@ -138,56 +156,72 @@ class DPOTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched > 1 and self.args.world_size != launched:
+            raise ValueError(
+                f"{launched} processes were launched but transformers set up {self.args.world_size}: they would "
+                "train independently. On a machine without GPUs pass --use_cpu true (DDP over gloo); otherwise "
+                "check the launcher's --num_processes."
+            )
+        self.guard = NonFiniteGuard(self.accelerator, self._describe_rows)
+        self.add_callback(self.guard)
+        self.add_callback(CheckpointMarker())
+        self.hub_push_failures: list[str] = []
+        if self.args.push_to_hub:
+            self._hub_callback = HubPushAtSave(self._push_checkpoint, self._hub_strategy)
+            self.add_callback(self._hub_callback)
         # compute_loss returns the mean over the micro-batch; the Trainer divides by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False
-        if self.ref_model is not None:
-            self.ref_model = self.accelerator.prepare_model(self.ref_model, evaluation_mode=True)
-        self._metric_sums: dict[str, dict[str, torch.Tensor]] = {
-            "train": defaultdict(float),
-            "eval": defaultdict(float),
-        }
-        self.nonfinite_skipped = 0
-        self._step_fault: str | None = None  # "loss" or "gradient": what went non-finite in this step
-        self._step_rows: list[int] = []  # data lines of the micro-batches of the step in progress
-        self._last_step_rows: list[int] = []  # ... and of the last finished step
+        if self.reference.kind == "model" and self.reference.model is not self.model:
+            self.reference.model = self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
+        self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
 
-        if args.precompute_ref_log_probs and not args.reference_free:
+        if args.precompute_ref_log_probs and self.loss_spec.needs_reference:
             self.train_dataset = self._precompute(self.train_dataset)
             if isinstance(self.eval_dataset, dict):
                 self.eval_dataset = {k: self._precompute(v) for k, v in self.eval_dataset.items()}
-            elif self.eval_dataset is not None:
+            else:
                 self.eval_dataset = self._precompute(self.eval_dataset)
 
     # ---------------------------------------------------------------- data
     @staticmethod
     def _tokenize(dataset, tokenizer, args: DPOConfig, split: str):
-        if dataset is None or "prompt_input_ids" in dataset.column_names:
-            return dataset
-        from .data import load_preference_data, tokenize_preference_dataset
+        from .data import check_pairs_for_loss, load_preference_data, tokenize_preference_dataset
 
-        if "completions" not in dataset.column_names:
-            # Raw rows ({"chose", "rejected"}, {"prompt", "chosen", "rejected"}, conversations, ranked
-            # responses): normalise them as load_preference_data does, with its row-level error messages.
-            dataset = load_preference_data(dataset)["train"]
-
-        return tokenize_preference_dataset(
-            dataset,
-            tokenizer,
-            max_length=args.max_length,
-            max_prompt_length=args.max_prompt_length,
-            num_proc=args.dataset_num_proc,
-            split_name=split,
-        )
+        if dataset is None:
+            return None
+        if "prompt_input_ids" not in dataset.column_names:
+            if "completions" not in dataset.column_names:
+                # Raw rows in any record format: normalised as load_preference_data does, with its messages.
+                dataset = load_preference_data(dataset)["train"]
+            dataset = tokenize_preference_dataset(
+                dataset,
+                tokenizer,
+                max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length,
+                num_proc=args.dataset_num_proc,
+                split_name=split,
+            )
+        check_pairs_for_loss(dataset, args.loss_type, f"<{split} dataset>", "source_line")
+        return dataset
 
     def _precompute(self, dataset):
+        from .reference_cache import precompute_reference_logps
+
         if dataset is None or "ref_logps" in dataset.column_names:
             return dataset
         return precompute_reference_logps(self, dataset)
 
+    def _describe_rows(self, lines: list[int]) -> str:
+        return f"data rows (line numbers) {lines or 'unknown'}"
+
     # ---------------------------------------------------------------- forward passes
-    def sequence_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> SequenceLogps:
-        """Completion log-probs of every sequence in the batch from ONE forward of `model`: (B*K,) tensors."""
+    def sequence_logps(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], with_stats: bool = True
+    ) -> SequenceLogps:
+        """Completion log-probs of every sequence in the batch from ONE forward of `model`: (B*K,) tensors,
+        with the per-token statistics (entropy, top-1, WPO's log sum p^2) unless `with_stats` is False."""
         forward_kwargs = {"input_ids": inputs["input_ids"], "use_cache": False}
         position_ids = inputs.get("position_ids")
         if self.args.padding_free:
@@ -198,121 +232,118 @@ class DPOTrainer(Trainer):
                     forward_kwargs[key] = inputs[key]
         else:
             forward_kwargs["attention_mask"] = inputs["attention_mask"]
-        head = fusable_lm_head(model)  # None under ZeRO-3 and FSDP: the real logits are used there
-        with lm_head_returns_hidden_states(head) if head is not None else contextlib.nullcontext():
-            outputs = model(**forward_kwargs)
         common = dict(
             input_ids=inputs["input_ids"],
             completion_mask=inputs["completion_mask"],
             reduction=self.args.logp_reduction,
             chunk_size=self.args.logp_chunk_size,
             position_ids=position_ids if self.args.padding_free else None,
+            with_stats=with_stats,
         )
-        if head is not None:
-            return sequence_logps_from_hidden(outputs.logits, head.weight, lm_head_bias=head.bias, **common)
-        return sequence_logps(outputs.logits, **common)
+        if self.args.ld_alpha is not None:  # LD-DPO needs each sequence's row (completion-major order)
+            rows, k = inputs["response_mask"].shape
+            common.update(
+                ld_alpha=self.args.ld_alpha,
+                sequence_group=torch.arange(rows * k, device=inputs["input_ids"].device) % rows,
+            )
+        head = fusable_lm_head(model)
+        if head is None:
+            return sequence_logps(model(**forward_kwargs).logits, **common)
+        with lm_head_returns_hidden_states(head):
+            hidden = model(**forward_kwargs).logits
+        return sequence_logps_from_hidden(hidden, head.weight, lm_head_bias=head.bias, **common)
 
     def reference_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Reference log-probs, shape (B, K): precomputed, from ref_model, or the same model without adapter."""
-        if self.args.reference_free:
+        """Reference log-probs, shape (B, K): precomputed, or from the reference policy under no_grad; None
+        when no loss needs them (reference_free, or only simpo / sft)."""
+        if not self.loss_spec.needs_reference:
             return None
         if "ref_logps" in inputs:
             return inputs["ref_logps"]
-        with torch.no_grad():
-            if self.ref_model is not None:
-                out = self.sequence_logps(self.ref_model, inputs)
-            else:
-                with reference_policy(model):
-                    out = self.sequence_logps(model, inputs)
+        with torch.no_grad(), reference_policy(model, self.reference) as reference_model:
+            out = self.sequence_logps(reference_model, inputs, with_stats=False)
         return _by_row(out.logps, inputs["response_mask"]).detach()
 
     # ---------------------------------------------------------------- loss and metrics
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
-        policy = self.sequence_logps(model, inputs)
         response_mask = inputs["response_mask"]
-        policy_logps = _by_row(policy.logps, response_mask)
+        policy = self.sequence_logps(model, inputs).by_row(response_mask.shape[0])
         reference = self.reference_logps(model, inputs)
-        losses, rewards = preference_loss(
-            self.args.loss_type,
-            policy_logps,
-            reference,
-            beta=self.args.beta,
-            label_smoothing=self.args.label_smoothing,
-            reference_free=self.args.reference_free,
-            response_mask=response_mask if response_mask.shape[1] > 2 else None,
-        )
+        losses, rewards, loss_metrics = preference_loss(self.loss_spec, policy, reference, response_mask)
         loss = losses.mean()
-        if mode == "train" and not torch.isfinite(loss.detach()):
-            # Decided in training_step once the step's gradients are in, on every rank at once.
-            self._step_fault = self._step_fault or "loss"
-        else:  # a non-finite batch would turn every metric of its logging window into NaN
-            self._store_metrics(mode, policy, policy_logps, rewards, response_mask)
+        if mode == "train":
+            self.guard.observe(loss, inputs.get("source_line"))
+        # A non-finite batch would turn every metric of its logging window into NaN.
+        if mode == "eval" or torch.isfinite(loss.detach()):
+            self._store_metrics(mode, policy, rewards, response_mask, loss_metrics)
         if return_outputs:
-            return loss, {"policy_logps": policy_logps.detach(), "rewards": rewards}
+            return loss, {"policy_logps": policy.logps.detach(), "rewards": rewards}
         return loss
 
-    def _store_metrics(self, mode, policy: SequenceLogps, policy_logps, rewards, response_mask) -> None:
+    def _store_metrics(self, mode, policy: SequenceLogps, rewards, response_mask, loss_metrics) -> None:
         """Accumulate sums and counts (not means), so averages over accumulation steps, logging steps and
-        ranks weight every pair equally and every token equally."""
+        ranks weight every pair equally and every token equally. `policy` is by row: (B, K) tensors."""
         with torch.no_grad():
+            policy_logps = policy.logps.detach()
             chosen_rewards = rewards[:, 0]
             if rewards.shape[1] > 2:  # K-way: the best response against the mean of the others
                 others = response_mask[:, 1:].float()
                 rejected_rewards = (rewards[:, 1:] * others).sum(1) / others.sum(1).clamp(min=1)
-                rejected_logps = (policy_logps[:, 1:].detach() * others).sum(1) / others.sum(1).clamp(min=1)
+                rejected_logps = (policy_logps[:, 1:] * others).sum(1) / others.sum(1).clamp(min=1)
             else:
                 rejected_rewards = rewards[:, 1]
-                rejected_logps = policy_logps[:, 1].detach()
+                rejected_logps = policy_logps[:, 1]
             margins = chosen_rewards - rejected_rewards
-            rows = response_mask.shape[0]
-            counts = _by_row(policy.token_counts, response_mask)
-            logit_sums = _by_row(policy.logit_sums, response_mask)
-            sums = self._metric_sums[mode]
             values = {
                 "rewards/chosen": chosen_rewards.sum(),
                 "rewards/rejected": rejected_rewards.sum(),
                 "rewards/accuracies": (margins > 0).float().sum(),  # a tie is not a correct ranking
                 "rewards/margins": margins.sum(),
-                "logps/chosen": policy_logps[:, 0].detach().sum(),
+                "logps/chosen": policy_logps[:, 0].sum(),
                 "logps/rejected": rejected_logps.sum(),
-                "logits/chosen": logit_sums[:, 0].sum(),
-                "logits/rejected": logit_sums[:, 1:].sum(),
+                "logits/chosen": policy.logit_sums[:, 0].sum(),
+                "logits/rejected": policy.logit_sums[:, 1:].sum(),
+                "entropy": policy.entropy_sums.sum(),
+                "mean_token_accuracy": policy.top1_hits[:, 0].sum(),
+                **{key: value.sum() for key, value in loss_metrics.items()},  # per pair, e.g. loss/sft
+                "_pairs": torch.tensor(float(response_mask.shape[0])),
+                "_tokens/chosen": policy.token_counts[:, 0].sum(),
+                "_tokens/rejected": policy.token_counts[:, 1:].sum(),
             }
+            sums = self._metric_sums[mode]
             for key, value in values.items():
                 sums[key] = sums[key] + value.float()
-            sums["_pairs"] = sums["_pairs"] + float(rows)
-            sums["_tokens/chosen"] = sums["_tokens/chosen"] + counts[:, 0].sum().float()
-            sums["_tokens/rejected"] = sums["_tokens/rejected"] + counts[:, 1:].sum().float()
 
     def _reduced_metrics(self, mode: str) -> dict[str, float]:
         sums = self._metric_sums[mode]
         if not sums:
             return {}
         keys = sorted(sums)
-        device = self.args.device
-        stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in keys])
+        stacked = torch.stack(
+            [torch.as_tensor(sums[k], dtype=torch.float32, device=self.args.device) for k in keys]
+        )
         stacked = self.accelerator.reduce(stacked, reduction="sum")  # gathered across ranks before logging
         total = dict(zip(keys, stacked.tolist()))
         self._metric_sums[mode] = defaultdict(float)
         pairs = max(total.pop("_pairs"), 1.0)
-        tokens = {side: max(total.pop(f"_tokens/{side}"), 1.0) for side in ("chosen", "rejected")}
-        metrics = {}
-        for key in METRIC_NAMES:
-            if key.startswith("logits/"):
-                metrics[key] = total[key] / tokens[key.split("/")[1]]
-            else:
-                metrics[key] = total[key] / pairs
-        return metrics
+        chosen, rejected = (max(total.pop(f"_tokens/{side}"), 1.0) for side in ("chosen", "rejected"))
+        per_token = {
+            "logits/chosen": chosen,
+            "logits/rejected": rejected,
+            "entropy": chosen + rejected,
+            "mean_token_accuracy": chosen,
+        }
+        names = [*METRIC_NAMES, *sorted(set(total) - set(METRIC_NAMES))]
+        return {key: total[key] / per_token.get(key, pairs) for key in names}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
         prefix = "eval_" if mode == "eval" else ""
-        metrics = self._reduced_metrics(mode)
         # In place, so evaluate() returns these too (and they reach eval_results.json).
-        logs.update({f"{prefix}{k}": v for k, v in metrics.items()})
-        if mode == "train" and self.nonfinite_skipped:
-            logs["nonfinite_batches_skipped"] = self.nonfinite_skipped
+        logs.update({f"{prefix}{k}": v for k, v in self._reduced_metrics(mode).items()})
+        if mode == "train" and self.guard.skipped:
+            logs["nonfinite_batches_skipped"] = self.guard.skipped
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -321,134 +352,242 @@ class DPOTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    # ---------------------------------------------------------------- faults
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        lines = inputs.get("source_line")
-        self._step_rows.extend(lines.tolist() if lines is not None else [])
-        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if not _all_finite(grads):
-            self._step_fault = self._step_fault or "gradient"
-        if self.accelerator.sync_gradients:  # the last micro-batch: the optimizer steps next
-            self._end_of_step_fault_check(model)
-        return loss
-
-    def _end_of_step_fault_check(self, model) -> None:
-        """Stop (or skip the update) if any rank saw a non-finite loss or gradient in this step.
-
-        The ranks agree first: one rank raising while the others wait in a gradient all-reduce would hang.
-        """
-        fault, rows = self._step_fault, self._step_rows
-        self._step_fault, self._step_rows, self._last_step_rows = None, [], rows
-        if self.accelerator.num_processes > 1:
-            flag = torch.tensor([0.0 if fault is None else 1.0], device=self.args.device)
-            if self.accelerator.reduce(flag, reduction="sum").item() > 0:
-                gathered = [None] * self.accelerator.num_processes
-                torch.distributed.all_gather_object(gathered, (fault, rows))
-                fault = next((f for f, _ in gathered if f == "loss"), "gradient")
-                rows = [row for _, rank_rows in gathered for row in rank_rows]
-        if fault is None:
-            return
-        where = f"step {self.state.global_step + 1}, data rows (line numbers) {rows or 'unknown'}"
-        if self.args.nonfinite_action == "skip":
-            self.nonfinite_skipped += 1
-            model.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves every weight as it is
-            logger.warning(
-                "non-finite %s at %s: batch skipped (%d so far)", fault, where, self.nonfinite_skipped
-            )
-            return
-        raise NonFiniteLossError(
-            f"non-finite {fault} at {where}. The run stopped before this update; checkpoints saved so far "
-            "are kept. Check those rows, lower the learning rate, or set nonfinite_action=skip to skip such "
-            "batches."
-        )
-
-    def _maybe_log_save_evaluate(self, *args, **kwargs):
-        # Before anything is logged or saved: an update can itself overflow (e.g. a learning rate of inf)
-        # from finite gradients; such weights must never reach a checkpoint.
-        if self.args.nonfinite_action == "stop":
-            weights = [p for p in self.model.parameters() if p.requires_grad]
-            if not _all_finite(weights):
-                raise NonFiniteLossError(
-                    f"non-finite weights after the update of step {self.state.global_step}, data rows (line "
-                    f"numbers) {self._last_step_rows or 'unknown'} (learning rate {self._get_learning_rate()}). "
-                    "The run stopped before saving them; checkpoints saved so far are kept. Lower the learning "
-                    "rate."
-                )
-        return super()._maybe_log_save_evaluate(*args, **kwargs)
-
-    # ---------------------------------------------------------------- saving and resuming
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            # Written last: a checkpoint without it was cut short and is never resumed from.
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            if os.path.isdir(folder):
-                mark_checkpoint_complete(folder)
-
+    # ---------------------------------------------------------------- training, saving, publishing
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
-        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        """transformers' train(), resuming only from complete checkpoints; a machine fault while saving
+        (disk full, permissions) raises SaveError naming the folder and the checkpoint to resume from. With
+        push_to_hub, the final adapter and card are published when training ends (hub_strategy decides
+        what is pushed during training)."""
+        resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        try:
+            output = super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
+        except SaveError:
+            raise
+        except Exception as err:
+            save_error = as_save_error(err, self.args.output_dir, self.state.global_step)
+            if save_error is None:
+                raise
+            raise save_error from err
+        if self.args.push_to_hub:
+            self.hub_push_failures.extend(self._hub_callback.failures)
+            from .hub import HubPushError
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        if self.args.should_save:
-            from .publish import write_run_card
+            try:
+                self.push_to_hub(commit_message="End of training")
+            except HubPushError as err:
+                logger.error("%s", err)
+                self.hub_push_failures.append(f"end of training: {str(err).splitlines()[0]}")
+        return output
 
-            write_run_card(self, output_dir or self.args.output_dir)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the adapter and tokenizer (transformers), then hf_dpo's model card beside them; with
+        push_to_hub and a call by the user, publish as transformers does."""
+        output_dir = output_dir or self.args.output_dir
+        try:
+            super().save_model(output_dir, _internal_call=True)
+            if self.args.should_save:
+                # The frozen reference copy is not part of the result (peft saves every adapter).
+                reference_folder = Path(output_dir) / REFERENCE_ADAPTER
+                if self.reference.adapter == REFERENCE_ADAPTER and reference_folder.is_dir():
+                    import shutil
 
+                    shutil.rmtree(reference_folder)
+                self.write_model_card(output_dir)
+        except Exception as err:
+            save_error = as_save_error(err, self.args.output_dir, self.state.global_step)
+            if save_error is None:
+                raise
+            raise save_error from err
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save")
 
-def mark_checkpoint_complete(folder: str) -> None:
-    path = os.path.join(folder, CHECKPOINT_COMPLETE)
-    with open(path + ".tmp", "w") as handle:
-        handle.write("complete\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(path + ".tmp", path)
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """The repo is created by the first push, not here: a Hub outage must not stop a run before it starts."""
+        from .hub import check_repo_id
 
+        check_repo_id(self.hub_repo_id)
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint-N in output_dir whose save finished (half-written ones are skipped)."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = []
-    for name in os.listdir(output_dir):
-        match = re.fullmatch(r"checkpoint-(\d+)", name)
-        if match and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_COMPLETE)):
-            steps.append(int(match.group(1)))
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+    @property
+    def hub_repo_id(self) -> str:
+        """hub_model_id, or the output_dir's name (the Hub puts a bare name in the token owner's namespace)."""
+        return self.args.hub_model_id or Path(self.args.output_dir).absolute().name
 
+    def create_model_card(
+        self, license=None, tags=None, model_name=None, dataset=None, dataset_name=None, **_
+    ):
+        """hf_dpo's model card (README.md, with training_curves.png) in output_dir; transformers' and TRL's
+        keyword arguments (license, tags, model_name, dataset/dataset_name) feed into it."""
+        if self.is_world_process_zero():
+            datasets = [dataset_name or dataset] if (dataset_name or dataset) else None
+            self.write_model_card(
+                self.args.output_dir, license=license, model_name=model_name, datasets=datasets
+            )
 
-def resolve_resume_checkpoint(resume, output_dir: str):
-    """True / "true" / "last" -> the last complete checkpoint; a path -> itself, if complete; else None."""
-    if resume in (None, False, "", "false", "False", "no"):
-        return None
-    if resume is True or str(resume).lower() in ("true", "last", "auto"):
-        found = last_complete_checkpoint(output_dir)
-        if found is None:
-            raise ValueError(f"resume_from_checkpoint: no complete checkpoint in {output_dir}")
-        logger.info("resuming from %s", found)
-        return found
-    if not os.path.isfile(os.path.join(resume, CHECKPOINT_COMPLETE)):
-        latest = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume)))
-        raise ValueError(
-            f"resume_from_checkpoint: {resume} is not a complete hf_dpo checkpoint (its save was cut short or it "
-            f"is not a checkpoint); the last complete one is {latest}"
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token=None,
+        revision=None,
+        private=None,
+        **kwargs,
+    ) -> str | None:
+        """Publish the adapter, its config, the tokenizer, hf_dpo's card, its curves and the results files to
+        hub_model_id (never the token, local paths, training_args.bin or optimizer/scheduler/RNG states).
+        Returns the commit URL; raises hf_dpo.hub.HubPushError, with the command that retries, on failure."""
+        from .hub import push_folder
+
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        return push_folder(
+            self.args.output_dir,
+            self.hub_repo_id,
+            token=token or self._hub_token,
+            private=self.args.hub_private_repo if private is None else private,
+            revision=revision or self.args.hub_revision,
+            commit_message=commit_message or "End of training",
         )
-    return resume
+
+    def _push_checkpoint(self, folder: Path, path_in_repo: str | None, commit_message: str) -> None:
+        from .hub import push_folder
+
+        push_folder(
+            folder,
+            self.hub_repo_id,
+            token=self._hub_token,
+            private=self.args.hub_private_repo,
+            revision=self.args.hub_revision,
+            commit_message=commit_message,
+            path_in_repo=path_in_repo,
+        )
+
+    def write_model_card(self, output_dir, license=None, model_name=None, datasets=None) -> Path:
+        """Render README.md and training_curves.png into output_dir from the run's settings and log history."""
+        from .card import write_card
+        from .curves import plot_training_curves
+
+        plot_training_curves(self.state.log_history, Path(output_dir) / "training_curves.png")
+        inputs = {
+            "base_model": _model_name(self.model),
+            "datasets": datasets or self.datasets_used,
+            "training": self.card_settings(),
+            "results": _final_results(self.state.log_history),
+            "hub_model_id": self.hub_repo_id if self.args.push_to_hub else self.args.hub_model_id,
+            "license": license,
+            "model_name": model_name,
+            "reference": self.reference.description,
+            "losses": [
+                {"name": name, "weight": weight, "paper": LOSSES[name].paper}
+                for name, weight in zip(self.loss_spec.loss_types, self.loss_spec.weights)
+            ],
+        }
+        return write_card(output_dir, inputs, template_path=self.args.model_card_template)
+
+    def card_settings(self) -> dict:
+        """The flat settings table of the card (no secrets, no local paths)."""
+        args = self.args
+        settings = {name: getattr(args, name) for name in _CARD_SETTINGS}
+        shown_when = {  # loss options, in the table only where they take part
+            "loss_weights": args.loss_weights is not None,
+            "f_divergence_type": args.f_divergence_type != "reverse_kl",
+            "f_alpha_divergence_coef": args.f_divergence_type == "alpha_divergence",
+            "ld_alpha": args.ld_alpha is not None,
+            "use_weighting": args.use_weighting,
+            "discopop_tau": "discopop" in args.loss_type,
+            "simpo_gamma": "simpo" in args.loss_type,
+        }
+        settings.update({name: getattr(args, name) for name, shown in shown_when.items() if shown})
+        settings["global_step"] = self.state.global_step
+        settings["world_size"] = args.world_size
+        settings["quantization"] = describe_quantization(self.model)
+        lora = getattr(unwrap(self.model), "peft_config", {}).get(
+            getattr(unwrap(self.model), "active_adapter", None)
+        )
+        if lora is not None:
+            targets = lora.target_modules
+            settings.update(
+                lora_r=lora.r,
+                lora_alpha=lora.lora_alpha,
+                lora_dropout=lora.lora_dropout,
+                lora_target_modules=targets if isinstance(targets, str) else ",".join(sorted(targets)),
+            )
+        return settings
 
 
-def _named_splits(eval_dataset) -> list[tuple[str, object]]:
-    if isinstance(eval_dataset, dict):
-        return [(f"eval {name}", split) for name, split in eval_dataset.items()]
-    return [("eval", eval_dataset)]
+_CARD_SETTINGS = (
+    "loss_type",
+    "beta",
+    "label_smoothing",
+    "reference_free",
+    "logp_reduction",
+    "learning_rate",
+    "lr_scheduler_type",
+    "optim",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "max_prompt_length",
+    "precompute_ref_log_probs",
+    "padding_free",
+    "gradient_checkpointing",
+    "seed",
+)
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """True if every element of every tensor is finite; one device sync, however many tensors."""
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+def _private_copy(args) -> DPOConfig:
+    """The trainer's own DPOConfig: a copy of the caller's, or a plain TrainingArguments upgraded with the DPO
+    defaults (the caller's object is never modified)."""
+    if args is None:
+        return DPOConfig()
+    if isinstance(args, DPOConfig):
+        return copy.copy(args)
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(
+            f"args must be a DPOConfig or transformers.TrainingArguments, got {type(args).__name__}"
+        )
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    values["remove_unused_columns"] = False  # the collator needs the preference columns
+    values["report_to"] = args.report_to
+    logger.info(
+        "args is a transformers TrainingArguments: using it as a DPOConfig with the DPO defaults (beta 0.1, "
+        "sigmoid loss, max_length 1024); pass a DPOConfig to change them"
+    )
+    return DPOConfig(**values)
+
+
+def _model_name(model: nn.Module) -> str:
+    """The base model's name or path (a Hub id, a local folder, or the tiny model's name)."""
+    from .tiny import TINY_MODEL_NAME
+
+    inner = unwrap(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    name = str(getattr(getattr(base, "config", None), "_name_or_path", "") or "")
+    if name and (Path(name) / "hf_dpo_tiny.json").is_file():
+        return TINY_MODEL_NAME
+    return name or "a causal language model"
+
+
+def _dataset_names(dataset) -> list[str]:
+    name = getattr(getattr(dataset, "info", None), "dataset_name", None)
+    return [name] if name else []
+
+
+def _final_results(log_history: list[dict]) -> dict:
+    """The last logged value of every train and eval metric (train_* summary keys excluded)."""
+    results: dict = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key in ("step", "epoch") or not isinstance(value, (int, float)):
+                continue
+            if key.startswith("train_") or key.endswith(("_runtime", "_per_second", "total_flos")):
+                continue
+            results[key] = value
+    return results
 
 
 def _by_row(per_sequence: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

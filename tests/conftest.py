@@ -36,6 +36,7 @@ for _name in (
     os.environ.pop(_name, None)
 
 import pytest  # noqa: E402
+from hub_server import fake_hub  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")

@@ -22,15 +22,16 @@ its bytes, so tests can assert what was pushed and grep it all for a token. API 
 makes an endpoint answer an error status at once (no delay, so the client's own retries stay fast).
 A request to anything else is answered 404 and listed in `unhandled`.
 
-Usage:
+Usage, in a test (the `fake_hub` fixture below, imported by conftest.py):
 
-    with FakeHub(tokens=["hf_..."]) as hub:
-        HfApi(endpoint=hub.endpoint, token="hf_...").create_repo("me/x")
-        hub.files("test-user/x")  # path -> bytes
+    def test_push(fake_hub):
+        HfApi(token=fake_hub.token).create_repo("me/x")  # HfApi() now talks to the fake Hub
+        fake_hub.files("me/x")  # path -> bytes
 
-Xet must be off in the client (`huggingface_hub.constants.HF_HUB_DISABLE_XET = True`, read at call time;
-hf_dpo.hub.push_output_dir does this itself). No HF_ENDPOINT is needed: HfApi(endpoint=...) is used for
-every URL, and the LFS upload URLs this server hands out already point back at it.
+The client must upload over plain HTTP + LFS (xet off), must not be in offline mode, and must be pointed at
+the fake Hub (HfApi(endpoint=...) or HF_ENDPOINT); `fake_hub` sets those three for the test's process and,
+as environment variables, for the subprocesses it starts. `FakeHub.environment()` gives the variables for
+a subprocess started with an environment of its own.
 """
 
 from __future__ import annotations
@@ -41,10 +42,13 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+import pytest
 
 # Endpoint names, as used by FakeHub.fail() and RecordedRequest.endpoint.
 ENDPOINTS = (
@@ -65,6 +69,8 @@ ENDPOINTS = (
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".model", ".msgpack", ".onnx", ".pkl")
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024
 _REPO_ACTIONS = {"preupload", "commit", "branch", "revision", "tree"}
+# The token the `fake_hub` fixture accepts (long enough to look like a real one to hf_dpo's scans).
+FAKE_HUB_TOKEN = "hf_FakeHubTokenDoNotLeak" + "x" * 16
 
 
 @dataclass
@@ -119,6 +125,7 @@ class FakeHub:
         multipart_chunk_size: int | None = None,
     ):
         self.tokens = set(tokens)
+        self.token = next(iter(tokens), None)  # one token it accepts, for tests to authenticate with
         self.user = user
         # When set, LFS objects larger than this are uploaded with the multipart protocol in parts of this size.
         self.multipart_chunk_size = multipart_chunk_size
@@ -166,6 +173,10 @@ class FakeHub:
         assert self._server is not None, "FakeHub is not started"
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
+
+    def environment(self) -> dict[str, str]:
+        """The variables a huggingface_hub client process needs to talk to this fake Hub."""
+        return {"HF_ENDPOINT": self.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
 
     def fail(self, endpoint: str, status: int, message: str | None = None, times: int | None = None) -> None:
         """Answer `status` on `endpoint` (a name of ENDPOINTS, or "*" for every API endpoint), `times` times
@@ -234,6 +245,23 @@ class FakeHub:
                 {"X-Error-Code": "RevisionNotFound", "X-Error-Message": f"Invalid rev id: {revision}"},
             )
         return revision
+
+
+@pytest.fixture
+def fake_hub(monkeypatch) -> Iterator[FakeHub]:
+    """A running FakeHub accepting FAKE_HUB_TOKEN (`fake_hub.token`), and for the test's duration only: xet
+    off, offline mode off and the endpoint pointing at it, in huggingface_hub's constants (read when a call
+    is made) and in the environment (read by the subprocesses the test starts). Nothing else is set: the
+    token is the test's to give."""
+    from huggingface_hub import constants
+
+    with FakeHub(tokens=[FAKE_HUB_TOKEN]) as hub:
+        for name, value in hub.environment().items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        yield hub
 
 
 def _route(method: str, path: str) -> tuple[str | None, dict[str, str]]:

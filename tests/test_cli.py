@@ -238,12 +238,8 @@ def test_eval_bad_data_and_bad_flag(fresh_adapter, tmp_path, capsys):
     assert "unknown argument --dataset_nme (did you mean --dataset_name?)" in capsys.readouterr().err
 
 
-def test_push_names_a_local_base_model_by_its_folder_name_only(fresh_adapter, tmp_path, monkeypatch):
+def test_push_names_a_local_base_model_by_its_folder_name_only(fresh_adapter, tmp_path, fake_hub):
     """peft records where the base was loaded from; the Hub gets its name, never the path on this machine."""
-    try:
-        from hub_server import FakeHub
-    except ImportError:
-        from tests.hub_server import FakeHub
     import shutil
 
     adapter = tmp_path / "adapter"
@@ -254,12 +250,8 @@ def test_push_names_a_local_base_model_by_its_folder_name_only(fresh_adapter, tm
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     local_base.mkdir(parents=True)
 
-    token = "hf_" + "c" * 34
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    with FakeHub(tokens=[token]) as hub:
-        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-        assert cli.main(["push", str(adapter), "--repo-id", "me/adapter", "--token", token]) == 0
-        pushed = hub.files("me/adapter")
+    assert cli.main(["push", str(adapter), "--repo-id", "me/adapter", "--token", fake_hub.token]) == 0
+    pushed = fake_hub.files("me/adapter")
     assert set(pushed) == {"adapter_model.safetensors", "adapter_config.json", "README.md"}  # peft's card
     published = json.loads(pushed["adapter_config.json"])
     assert published == {**config, "base_model_name_or_path": "my-base"}
@@ -268,35 +260,26 @@ def test_push_names_a_local_base_model_by_its_folder_name_only(fresh_adapter, tm
     assert json.loads((adapter / "adapter_config.json").read_text()) == config  # the local file is untouched
 
 
-def test_push_later_renders_the_card_for_the_repo_id_unless_it_was_edited(trained, tmp_path, monkeypatch):
+def test_push_later_renders_the_card_for_the_repo_id_unless_it_was_edited(trained, tmp_path, fake_hub):
     """A run trained without hub_model_id has a card that loads "path/to/adapter"; `hf-dpo push --repo-id`
     publishes it rendered for that repo (from hf_dpo_run.json), leaving the local card alone. A card edited by
     hand goes up byte for byte as it is."""
-    try:
-        from hub_server import FakeHub
-    except ImportError:
-        from tests.hub_server import FakeHub
     import shutil
 
     from huggingface_hub import ModelCard
 
-    from hf_dpo.model_card import ADAPTER_PLACEHOLDER
-
     run = shutil.copytree(trained, tmp_path / "run")
     local_card = (run / "README.md").read_bytes()
-    assert f'"{ADAPTER_PLACEHOLDER}"'.encode() in local_card
-    token = "hf_" + "d" * 34
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    with FakeHub(tokens=[token]) as hub:
-        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-        assert cli.main(["push", str(run), "--repo-id", "me/renamed", "--token", token]) == 0
-        card = hub.files("me/renamed")["README.md"].decode()
-        edited = local_card + b"\nMy own notes.\n"
-        (run / "README.md").write_bytes(edited)
-        assert cli.main(["push", str(run), "--repo-id", "me/edited", "--token", token]) == 0
-        assert hub.files("me/edited")["README.md"] == edited
+    assert b'"path/to/adapter"' in local_card
+    token = fake_hub.token
+    assert cli.main(["push", str(run), "--repo-id", "me/renamed", "--token", token]) == 0
+    card = fake_hub.files("me/renamed")["README.md"].decode()
+    edited = local_card + b"\nMy own notes.\n"
+    (run / "README.md").write_bytes(edited)
+    assert cli.main(["push", str(run), "--repo-id", "me/edited", "--token", token]) == 0
+    assert fake_hub.files("me/edited")["README.md"] == edited
     assert 'PeftModel.from_pretrained(base, "me/renamed")' in card
-    assert ADAPTER_PLACEHOLDER not in card
+    assert "path/to/adapter" not in card
     assert ModelCard(card).data.library_name == "peft"  # still valid Hub metadata
     assert "# renamed" in card  # the title is the repo's name, no longer the output folder's
     assert (

@@ -104,9 +104,7 @@ def runs(tiny_model_path, tmp_path_factory):
                 hub_model_id=f"me/{name}",
                 hub_token=TOKEN,
             )
-            env = isolated_env(
-                root / f"{name}-env", HF_DPO_TEST_JOURNAL=str(journal), HF_ENDPOINT=hub.endpoint
-            )
+            env = isolated_env(root / f"{name}-env", HF_DPO_TEST_JOURNAL=str(journal), **hub.environment())
             result = run([*launcher, wrapper, RECIPE, *flags], env, timeout=300)
             assert result.returncode == 0, result.stderr[-4000:]
             found[name] = {"out": out, "journal": read_journal(journal), "result": result}

@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_dpo.logps import sequence_logps, sequence_logps_from_hidden, token_logps
+from hf_dpo.logps import (
+    SequenceLogps,
+    length_desensitized_weights,
+    sequence_logps,
+    sequence_logps_from_hidden,
+    token_logps,
+)
 
 
 def loop_reference(logits, input_ids, completion_mask, reduction="sum"):
@@ -150,7 +156,7 @@ def test_chunking_bounds_peak_memory_of_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, _ = token_logps(x, targets, w, chunk_size=8)
+        out = token_logps(x, targets, w, chunk_size=8).logps
     assert max(saved) <= 4096 * 64  # never 4096 x 4096
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
@@ -169,3 +175,179 @@ def test_sum_and_mean_differ_exactly_by_the_completion_length():
     lengths = mask[:, 1:].sum(-1).float()
     torch.testing.assert_close(total.token_counts, lengths)
     torch.testing.assert_close(mean.logps * lengths, total.logps, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- per-token stats
+
+
+def naive_stats(logits, input_ids, completion_mask):
+    """From full fp64 logits, per sequence: entropy sum, top-1 hits, log sum p^2 sum, token log-prob sum."""
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    mask = completion_mask[:, 1:].bool()
+    targets = input_ids[:, 1:]
+    entropy = -(logp.exp() * logp).sum(-1)
+    top1 = (logits[:, :-1].argmax(-1) == targets).double()
+    log_sum_sq = torch.logsumexp(2 * logp, -1)
+    token = logp.gather(-1, targets[..., None]).squeeze(-1)
+    return [(x * mask).sum(-1) for x in (entropy, top1, log_sum_sq, token)]
+
+
+def test_hand_value_stats_of_uniform_and_peaked_logits():
+    """V = 4. Uniform logits: entropy ln 4 = 1.386294, log sum p^2 = log(4 / 16) = -ln 4, top-1 the first
+    maximum (token 0). Logits [ln 3, 0, 0, 0] at the second position: p = (1/2, 1/6, 1/6, 1/6), entropy
+    = 0.5 ln 2 + 3/6 ln 6 = 0.346574 + 0.895880 = 1.242453; sum p^2 = 1/4 + 3/36 = 1/3 -> -ln 3 = -1.098612;
+    the target 0 is its top-1."""
+    logits = torch.zeros(1, 3, 4)
+    logits[0, 1, 0] = math.log(3)
+    ids = torch.tensor([[1, 2, 0]])
+    out = sequence_logps(logits, ids, torch.tensor([[0, 1, 1]]), with_stats=True)
+    assert out.entropy_sums.item() == pytest.approx(math.log(4) + 1.242453, abs=1e-5)
+    assert out.log_sum_sq_prob_sums.item() == pytest.approx(-math.log(4) - 1.098612, abs=1e-5)
+    assert out.top1_hits.item() == 1.0  # target 2 misses (uniform: the first maximum is token 0); 0 hits
+    assert out.logps.item() == pytest.approx(-math.log(4) + math.log(0.5), abs=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+def test_stats_match_full_logits(chunk_size):
+    logits, ids, mask = _batch(rows=3, length=9, vocab=11, seed=4)
+    ids[0, 5] = logits[0, 4].argmax()  # at least one top-1 hit
+    out = sequence_logps(logits, ids, mask, chunk_size=chunk_size, with_stats=True)
+    entropy, top1, log_sum_sq, token = naive_stats(logits, ids, mask)
+    torch.testing.assert_close(out.entropy_sums.double(), entropy, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.top1_hits.double(), top1, atol=0, rtol=0)
+    torch.testing.assert_close(out.log_sum_sq_prob_sums.double(), log_sum_sq, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.token_logp_sums.double(), token, atol=1e-5, rtol=0)
+    assert top1.sum() >= 1
+    plain = sequence_logps(logits, ids, mask, chunk_size=chunk_size)
+    assert torch.equal(plain.logps, out.logps)  # the statistics do not touch the log-probs
+    assert plain.entropy_sums is None and plain.top1_hits is None and plain.log_sum_sq_prob_sums is None
+
+
+def test_stats_with_the_fused_head_and_packed_rows():
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 7, 5)
+    weight, bias = torch.randn(13, 5), torch.randn(13)
+    ids = torch.randint(0, 13, (2, 7))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0]])
+    fused = sequence_logps_from_hidden(
+        hidden, weight, ids, mask, chunk_size=2, lm_head_bias=bias, with_stats=True
+    )
+    logits = hidden @ weight.t() + bias
+    for got, want in zip(
+        (fused.entropy_sums, fused.top1_hits, fused.log_sum_sq_prob_sums), naive_stats(logits, ids, mask)
+    ):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    # the same two sequences packed into one row
+    lens = [7, 5]
+    packed = sequence_logps(
+        torch.cat([logits[0], logits[1, :5]])[None],
+        torch.cat([ids[0], ids[1, :5]])[None],
+        torch.cat([mask[0], mask[1, :5]])[None],
+        position_ids=torch.cat([torch.arange(n) for n in lens])[None],
+        with_stats=True,
+    )
+    torch.testing.assert_close(packed.entropy_sums, fused.entropy_sums, atol=1e-5, rtol=0)
+    torch.testing.assert_close(packed.top1_hits, fused.top1_hits)
+
+
+def test_stats_stay_within_one_chunk_block_in_forward_and_backward():
+    """Every tensor any op produces, in forward (with statistics) and backward, has at most chunk * V
+    elements (or the size of an input): the statistics add no [M, V] tensor and no second block per op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestOutput(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for value in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(value, torch.Tensor):
+                    self.largest = max(self.largest, value.numel())
+            return out
+
+    torch.manual_seed(0)
+    m, h, v, chunk = 512, 16, 1024, 8
+    x = torch.randn(m, h, requires_grad=True)
+    w = torch.randn(v, h)
+    targets = torch.randint(0, v, (m,))
+    with LargestOutput() as mode:
+        result = token_logps(x, targets, w, chunk_size=chunk, with_stats=True)
+        (result.logps.sum() + 0 * result.entropy.sum()).backward()
+    assert mode.largest <= max(chunk * v, v * h, m * h)
+    assert torch.isfinite(x.grad).all()
+
+
+def test_stats_carry_no_gradient():
+    logits, ids, mask = _batch()
+    out = sequence_logps(logits.clone().requires_grad_(True), ids, mask, with_stats=True)
+    assert out.logps.requires_grad and out.token_logp_sums.requires_grad
+    assert not any(t.requires_grad for t in (out.entropy_sums, out.top1_hits, out.log_sum_sq_prob_sums))
+
+
+# ---------------------------------------------------------------------------------------------- LD-DPO
+
+
+def test_ld_alpha_hand_value():
+    """Uniform logits over V = 4 (every token -ln 4). Prompt 0 has completions of 3 and 5 tokens: shared
+    length 3. alpha 0.5: chosen -3 ln 4 = -4.158883; rejected (3 + 0.5 * 2)(-ln 4) = -4 ln 4 = -5.545177.
+    The plain sums (token_logp_sums) stay -3 ln 4 and -5 ln 4."""
+    logits = torch.zeros(2, 7, 4)
+    ids = torch.ones(2, 7, dtype=torch.long)
+    mask = torch.tensor([[0, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 0]])
+    out = sequence_logps(logits, ids, mask, ld_alpha=0.5, sequence_group=torch.tensor([0, 0]))
+    ln4 = math.log(4)
+    torch.testing.assert_close(out.logps, torch.tensor([-3 * ln4, -4 * ln4]))
+    torch.testing.assert_close(out.token_logp_sums, torch.tensor([-3 * ln4, -5 * ln4]))
+
+
+def test_ld_alpha_one_is_plain_and_zero_keeps_the_shared_prefix():
+    logits, ids, mask = _batch(rows=4, length=9, vocab=11, seed=6)
+    mask[2] = torch.tensor([0, 0, 1, 1, 1, 1, 0, 0, 0])
+    mask[3] = torch.tensor([0, 0, 1, 0, 0, 0, 0, 0, 0])
+    group = torch.tensor([0, 1, 0, 1])  # completion-major: sequences 0, 2 answer prompt 0; 1, 3 prompt 1
+    plain = sequence_logps(logits, ids, mask)
+    one = sequence_logps(logits, ids, mask, ld_alpha=1.0, sequence_group=group)
+    torch.testing.assert_close(one.logps, plain.logps)
+    zero = sequence_logps(logits, ids, mask, ld_alpha=0.0, sequence_group=group)
+    # completions of 6 and 4 tokens (prompt 0), 2 and 1 (prompt 1): keep the first 4, resp. 1, tokens
+    shared = {0: 4, 1: 1}
+    expected = []
+    for r in range(4):
+        positions = [t for t in range(1, 9) if mask[r, t]][: shared[int(group[r])]]
+        expected.append(sum(torch.log_softmax(logits[r, t - 1].double(), -1)[ids[r, t]] for t in positions))
+    torch.testing.assert_close(zero.logps.double(), torch.stack(expected), atol=1e-6, rtol=0)
+
+
+def test_ld_weights_skip_empty_responses_and_follow_packed_order():
+    """Three responses to one prompt, one empty (a padding response): the shared length is the shortest
+    non-empty one. Tokens of a sequence may come in any interleaving with other sequences' tokens."""
+    sequence_index = torch.tensor([2, 0, 0, 2, 0, 2, 2])  # seq 0 has 3 tokens, seq 2 has 4, seq 1 none
+    counts = torch.tensor([3.0, 0.0, 4.0])
+    weights = length_desensitized_weights(sequence_index, counts, torch.tensor([0, 0, 0]), ld_alpha=0.25)
+    # shared length 3: the 4th token of sequence 2 (its last occurrence, index 6) weighs 0.25
+    torch.testing.assert_close(weights, torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.25]))
+
+
+def test_ld_alpha_needs_the_groups():
+    logits, ids, mask = _batch()
+    with pytest.raises(ValueError, match="sequence_group"):
+        sequence_logps(logits, ids, mask, ld_alpha=0.5)
+
+
+def test_by_row_is_completion_major():
+    """S = K * B sequences, completion-major: sequence k * B + b is response k of prompt b."""
+    values = torch.arange(6.0)
+    rows = SequenceLogps(values, values + 10, values + 20, token_logp_sums=values, top1_hits=None).by_row(3)
+    torch.testing.assert_close(rows.logps, torch.tensor([[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]))
+    torch.testing.assert_close(rows.token_counts[:, 1], torch.tensor([13.0, 14.0, 15.0]))
+    assert rows.top1_hits is None
+
+
+def test_mean_reduction_keeps_plain_sums_for_sft():
+    logits, ids, mask = _batch(seed=8)
+    total = sequence_logps(logits, ids, mask)
+    mean = sequence_logps(logits, ids, mask, reduction="mean")
+    torch.testing.assert_close(mean.token_logp_sums, total.logps)
+    assert total.token_logp_sums is total.logps  # no extra tensor in the default case

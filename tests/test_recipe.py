@@ -14,27 +14,25 @@ import json
 import math
 import os
 import re
+import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
+from hf_dpo.card import format_value
 from hf_dpo.hub import public_adapter_config
-from hf_dpo.model_card import format_value
-
-try:
-    from hub_server import FakeHub
-except ImportError:  # tests/ imported as a package
-    from tests.hub_server import FakeHub
 
 pytestmark = pytest.mark.timeout(180)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "qlora_dpo.py"
+DEFAULT_ACCELERATE = ROOT / "recipes" / "accelerate_configs" / "default.yaml"
 BUNDLED = ROOT / "data" / "dpo_data.jsonl"
 LN2 = math.log(2)
 TOKEN = "hf_RecipeTestTokenDoNotLeak" + "x" * 12
@@ -89,10 +87,9 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("qlora_dpo_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import hf_dpo.recipe
+
+    return hf_dpo.recipe
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +109,10 @@ def one_pair(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def hub(monkeypatch, tmp_path):
-    """A fake Hub that accepts TOKEN, as the Hub every in-process push goes to; no login of our own."""
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
-    with FakeHub(tokens=[TOKEN]) as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)  # HfApi() reads it when created
-        yield server
+def hub(fake_hub):
+    """The fake Hub (tests/hub_server.py) that every push goes to, accepting TOKEN too."""
+    fake_hub.tokens.add(TOKEN)
+    return fake_hub
 
 
 def flags(output_dir, data, **overrides) -> list[str]:
@@ -147,6 +141,13 @@ def flags(output_dir, data, **overrides) -> list[str]:
     for key, value in settings.items():
         argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     return argv
+
+
+def free_port() -> int:
+    """A port nobody listens on (torchrun's --master_port 0 makes the workers wait forever)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def one_thread_env(**extra: str) -> dict[str, str]:
@@ -619,3 +620,114 @@ def test_a_wheel_carries_the_recipe_its_configs_and_the_bundled_data():
     needed = [bundled / "dpo_data.jsonl", bundled / "qlora_dpo.py", package / "model_card_template.md"]
     needed += sorted((bundled / "configs").glob("*.yaml"))
     assert set(needed) <= shipped
+
+
+# --------------------------------------------------------------------------------------------- launchers and faults
+
+
+def test_a_full_disk_exits_5_with_the_command_that_resumes(recipe, pairs, tmp_path, capsys, monkeypatch):
+    """The tokenizers library reports ENOSPC as a plain Exception: one line naming the folder, the error, the
+    last complete checkpoint and the exact command that resumes; the half-written checkpoint is gone."""
+    from transformers import PreTrainedTokenizerBase
+
+    out = tmp_path / "out"
+    argv = flags(out, pairs, max_steps=6, save_strategy="steps", save_steps=2)
+    original = PreTrainedTokenizerBase.save_pretrained
+
+    def save_pretrained(self, folder, *args, **kwargs):
+        if str(folder).endswith("checkpoint-4"):
+            raise Exception("No space left on device (os error 28)")
+        return original(self, folder, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", save_pretrained)
+    monkeypatch.setattr(sys, "argv", ["recipes/qlora_dpo.py"])
+    assert recipe.cli(argv) == 5
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1 and err[0].startswith("error: could not write ") and "Traceback" not in stderr
+    assert "No space left on device (os error 28)" in err[0] and "checkpoint-4 was removed" in err[0]
+    assert f"The last complete checkpoint is {out / 'checkpoint-2'}" in err[0]
+    resume = shlex.split(err[0].split("Resume with: ", 1)[1])
+    assert resume[:2] == ["python", "recipes/qlora_dpo.py"] and resume[-2:] == [
+        "--resume_from_checkpoint",
+        "true",
+    ]
+    assert not (out / "checkpoint-4").exists()
+
+    monkeypatch.undo()
+    assert recipe.cli(resume[2:]) == 0
+    assert read_json(out / "trainer_state.json")["global_step"] == 6
+
+
+def test_exit_codes_under_each_launcher(pairs, tmp_path):
+    """python and hf-dpo keep the documented codes; accelerate launch turns any failure into 1 (its own rule),
+    and with -q prints nothing but hf_dpo's one line."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": 5, "rejected": "c"}\n')
+    argv = flags(tmp_path / "out", bad)
+    accelerate = [
+        str(Path(sys.executable).with_name("accelerate")),
+        "launch",
+        "--config_file",
+        str(DEFAULT_ACCELERATE),
+    ]
+    launchers = {
+        "python": ([sys.executable, str(RECIPE)], 2),
+        "hf-dpo": ([str(Path(sys.executable).with_name("hf-dpo")), "train"], 2),
+        "accelerate -q": ([*accelerate, "-q", str(RECIPE)], 1),
+        "accelerate": ([*accelerate, str(RECIPE)], 1),
+    }
+    for name, (command, code) in launchers.items():
+        result = subprocess.run(
+            [*command, *argv], capture_output=True, text=True, timeout=120, env=one_thread_env()
+        )
+        assert result.returncode == code, (name, result.stderr[-2000:])
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert lines == [
+            "error: bad preference data: " + f"{bad}, line 1, field 'chosen': expected a string, got int"
+        ], name
+        if name != "accelerate":
+            assert "Traceback" not in result.stderr, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["torchrun", "torch.distributed.run"])
+def test_two_processes_without_use_cpu_train_as_one_job(pairs, tmp_path, launcher):
+    """torchrun on a machine without GPUs and without --use_cpu: one data-parallel job on gloo (never two
+    independent runs writing one output_dir): the adapter of 1 process with the doubled batch, to 1e-5."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = dict(max_steps=3, learning_rate=0.01)
+    result = subprocess.run(
+        [sys.executable, str(RECIPE), *flags(one, pairs, per_device_train_batch_size=4, **common)],
+        capture_output=True,
+        text=True,
+        timeout=170,
+        env=one_thread_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    command = (
+        [str(Path(sys.executable).with_name("torchrun"))]
+        if launcher == "torchrun"
+        else [sys.executable, "-m", "torch.distributed.run"]
+    )
+    result = subprocess.run(
+        [
+            *command,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "0",
+            str(RECIPE),
+            *flags(two, pairs, per_device_train_batch_size=2, **common),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=one_thread_env(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in result.stderr
+    a, b = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert read_json(two / "trainer_state.json")["global_step"] == 3

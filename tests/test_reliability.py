@@ -231,7 +231,7 @@ def baseline(tiny_model_path, tmp_path_factory):
         )
         result = run(
             [sys.executable, RECIPE, *flags, "--log_level", "info"],
-            isolated_env(root, HF_ENDPOINT=hub.endpoint),
+            isolated_env(root, **hub.environment()),
         )
         assert result.returncode == 0, result.stderr[-4000:]
         return {"root": root, "data": data, "out": out, "result": result, "hub": hub}

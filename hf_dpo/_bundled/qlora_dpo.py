@@ -1,1 +1,0 @@
-../../recipes/qlora_dpo.py

@@ -1,0 +1,210 @@
+"""TrainerCallbacks that let a run go unattended: the non-finite guard, the checkpoint-complete marker, and
+pushes to the Hub at every save (`hub_strategy`). They use transformers' public callback events only."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_COMPLETE = "hf_dpo_checkpoint_complete"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step produced a non-finite loss, gradient or weight (the message names the step and the data rows)."""
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops the run (or, with nonfinite_action=skip, skips the update) when a step's loss or gradients are
+    not finite, and stops it before saving when an update made the weights non-finite.
+
+    compute_loss reports every training micro-batch through `observe`; the decision is taken once per
+    optimizer step, before the update, with every rank agreeing first (one rank raising while the others
+    wait in a gradient all-reduce would hang).
+    """
+
+    def __init__(self, accelerator, describe_rows):
+        self.accelerator = accelerator
+        self.describe_rows = describe_rows  # source lines -> "dpo_data.jsonl lines 3, 7"
+        self.fault: str | None = None  # "loss" or "gradient": what went non-finite in the step in progress
+        self.rows: list[int] = []  # data lines of the step in progress
+        self.last_rows: list[int] = []  # ... and of the last finished step
+        self.skipped = 0
+
+    def observe(self, loss: torch.Tensor, rows: torch.Tensor | None) -> None:
+        self.rows.extend(rows.tolist() if rows is not None else [])
+        if not torch.isfinite(loss.detach()):
+            self.fault = self.fault or "loss"
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if self.fault is None and not all_finite(grads):
+            self.fault = "gradient"
+        fault, rows = self.fault, self.rows
+        self.fault, self.rows, self.last_rows = None, [], rows
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([0.0 if fault is None else 1.0], device=args.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() > 0:
+                gathered = [None] * self.accelerator.num_processes
+                torch.distributed.all_gather_object(gathered, (fault, rows))
+                fault = next((f for f, _ in gathered if f == "loss"), "gradient")
+                rows = [row for _, rank_rows in gathered for row in rank_rows]
+        if fault is None:
+            return
+        where = f"step {state.global_step + 1}, {self.describe_rows(rows)}"
+        if args.nonfinite_action == "skip":
+            self.skipped += 1
+            model.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves every weight as it is
+            logger.warning("non-finite %s at %s: batch skipped (%d so far)", fault, where, self.skipped)
+            return
+        raise NonFiniteLossError(
+            f"non-finite {fault} at {where}. The run stopped before this update; checkpoints saved so far "
+            "are kept. Check those rows, lower the learning rate, or set nonfinite_action=skip to skip such "
+            "batches."
+        )
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # Before anything is logged or saved: an update can itself overflow (e.g. a learning rate of inf)
+        # from finite gradients; such weights must never reach a checkpoint.
+        if args.nonfinite_action == "stop" and not all_finite(
+            [p for p in model.parameters() if p.requires_grad]
+        ):
+            raise NonFiniteLossError(
+                f"non-finite weights after the update of step {state.global_step}, {self.describe_rows(self.last_rows)}. "
+                "The run stopped before saving them; checkpoints saved so far are kept. Lower the learning rate."
+            )
+
+
+class CheckpointMarker(TrainerCallback):
+    """Writes the completion marker into each checkpoint once transformers has saved all of it: a checkpoint
+    without the marker was cut short (a crash, a full disk) and is never resumed from."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and folder.is_dir():
+            path = folder / CHECKPOINT_COMPLETE
+            with open(f"{path}.tmp", "w") as handle:
+                handle.write("complete\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(f"{path}.tmp", path)
+
+
+class HubPushAtSave(TrainerCallback):
+    """`hub_strategy` pushes during training, as transformers documents them, through hf_dpo's publishing path.
+
+    At every save: "every_save" pushes the saved adapter, tokenizer and card to the repo root; "checkpoint"
+    also mirrors the checkpoint into the repo's `last-checkpoint/`; "all_checkpoints" into `checkpoint-N/`.
+    Checkpoint folders go up without optimizer, scheduler or RNG states and training_args.bin. A failed push
+    is logged and remembered in `failures`; training goes on.
+    """
+
+    def __init__(self, push, strategy: str):
+        self.push = push  # (folder, path_in_repo, commit_message) -> None, raising HubPushError
+        self.strategy = strategy
+        self.failures: list[str] = []
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.strategy == "end" or not args.should_save or not checkpoint.is_dir():
+            return
+        message = f"Training in progress, {'epoch ' + str(int(state.epoch)) if args.save_strategy == 'epoch' else 'step ' + str(state.global_step)}"
+        targets = [(None, message)]
+        if self.strategy in ("checkpoint", "all_checkpoints"):
+            folder = "last-checkpoint" if self.strategy == "checkpoint" else checkpoint.name
+            targets.append((folder, message + ", checkpoint"))
+        from .hub import HubPushError
+
+        for path_in_repo, commit_message in targets:
+            try:
+                self.push(checkpoint, path_in_repo, commit_message)
+            except HubPushError as err:
+                what = f"{path_in_repo}/" if path_in_repo else "the model"
+                first_line = str(err).splitlines()[0]
+                logger.warning("push of %s at step %d failed: %s", what, state.global_step, first_line)
+                self.failures.append(f"step {state.global_step} ({what}): {first_line}")
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True if every element of every tensor is finite; one device sync, however many tensors."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N in output_dir whose save finished (half-written ones are skipped)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [
+        int(match.group(1))
+        for name in os.listdir(output_dir)
+        if (match := re.fullmatch(r"checkpoint-(\d+)", name))
+        and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_COMPLETE))
+    ]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def resolve_resume_checkpoint(resume, output_dir: str):
+    """True / "true" / "last" -> the last complete checkpoint; a path -> itself, if complete; else None."""
+    if resume in (None, False, "", "false", "False", "no"):
+        return None
+    if resume is True or str(resume).lower() in ("true", "last", "auto"):
+        found = last_complete_checkpoint(output_dir)
+        if found is None:
+            raise ValueError(f"resume_from_checkpoint: no complete checkpoint in {output_dir}")
+        logger.info("resuming from %s", found)
+        return found
+    if not os.path.isfile(os.path.join(resume, CHECKPOINT_COMPLETE)):
+        latest = last_complete_checkpoint(os.path.dirname(os.path.abspath(resume)))
+        raise ValueError(
+            f"resume_from_checkpoint: {resume} is not a complete hf_dpo checkpoint (its save was cut short or it "
+            f"is not a checkpoint); the last complete one is {latest}"
+        )
+    return resume
+
+
+class SaveError(RuntimeError):
+    """Writing a checkpoint or the final adapter failed (disk full, permissions, quota). The message names the
+    folder, the error, what happened to a half-written checkpoint, and the last complete one to resume from."""
+
+    def __init__(self, message: str, last_checkpoint: str | None):
+        super().__init__(message)
+        self.last_checkpoint = last_checkpoint
+
+
+# What a full disk, a quota, a read-only or foreign-owned folder or a failing device raise while writing.
+_MACHINE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EIO}
+
+
+def as_save_error(err: BaseException, output_dir: str, step: int) -> SaveError | None:
+    """A SaveError for a machine fault met while saving step `step` (an OSError, or the tokenizers library's
+    "... (os error 28)"), with the half-written checkpoint-`step` removed; None for any other exception."""
+    machine_fault = (isinstance(err, OSError) and err.errno in _MACHINE_FAULTS) or re.search(
+        r"\(os error (\d+)\)", str(err)
+    )
+    if not machine_fault:
+        return None
+    folder = Path(output_dir) / f"checkpoint-{step}"
+    half_written = folder.is_dir() and not (folder / CHECKPOINT_COMPLETE).is_file()
+    if half_written:
+        shutil.rmtree(folder, ignore_errors=True)  # never resumed from; removing it also frees space
+    where = folder if half_written else Path(getattr(err, "filename", None) or output_dir)
+    reason = f"{err.strerror} [errno {err.errno}]" if isinstance(err, OSError) and err.strerror else str(err)
+    last = last_complete_checkpoint(output_dir)
+    message = f"could not write {where}: {reason}."
+    if half_written:
+        message += f" The half-written {folder.name} was removed."
+    if last:
+        message += f" The last complete checkpoint is {last}: fix the cause, then resume from it (resume_from_checkpoint=true)."
+    else:
+        message += " No checkpoint was complete yet: fix the cause and run again."
+    return SaveError(message, last)

@@ -1,0 +1,261 @@
+"""The model card (README.md) of a trained adapter: `huggingface_hub.ModelCard` rendered from one template.
+
+Python computes values (Hub metadata, public names, formatted numbers); `model_card_template.md` writes every
+word, so a custom template (`DPOConfig.model_card_template`) can change any of it. Only public names reach
+the card: secret-looking settings are dropped, local paths are cut to their last component, and a rendered
+card holding a Hugging Face token or the output_dir's absolute path is refused.
+
+`write_card` also records the card's inputs and the hash of the text written in hf_dpo_run.json, so that
+`hf-dpo push --repo-id X` can publish the same card rendered for X, unless README.md was edited since.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hf_dpo.curves import CURVES_FILE
+from hf_dpo.resources import bundled_file
+
+logger = logging.getLogger(__name__)
+
+RUN_INFO_FILE = "hf_dpo_run.json"
+# Hugging Face user access tokens: "hf_" followed by a long run of letters and digits.
+HF_TOKEN_PATTERN = re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}")
+# Setting names that hold secrets (hub_token, api_key...), but not tokenizer_name_or_path or max_tokens.
+_SECRET_KEY = re.compile(r"(?:^|_)(?:token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
+_DATA_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow"}
+_FRAMEWORKS = ("transformers", "peft", "torch", "bitsandbytes", "datasets", "huggingface_hub")
+# Results are listed in this order first, then any other metric alphabetically.
+_RESULT_ORDER = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+_RESULT_ORDER += ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
+
+
+class ModelCardTemplateError(ValueError):
+    """A model card template could not be rendered (undefined name, syntax error)."""
+
+
+def render_card(output_dir: str | os.PathLike, inputs: Mapping[str, Any], *, template_path=None) -> str:
+    """The model card of the adapter in `output_dir`, rendered from `inputs` (see `card_variables`)."""
+    import jinja2
+    import jinja2.meta
+    from huggingface_hub import ModelCard
+
+    output_dir = Path(output_dir)
+    card_data, variables = card_variables(output_dir, inputs)
+    path = Path(template_path) if template_path else bundled_file("model_card_template.md")
+    source = path.read_text(encoding="utf-8")
+    available = {"card_data", *card_data.to_dict(), *variables}
+    try:
+        used = jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(source))
+    except jinja2.TemplateSyntaxError as err:
+        raise ModelCardTemplateError(f"Model card template {path}, line {err.lineno}: {err.message}") from err
+    if undefined := sorted(used - available):
+        raise ModelCardTemplateError(
+            f"Model card template {path} uses undefined name(s) {', '.join(undefined)}. "
+            f"Names available to templates: {', '.join(sorted(available))}."
+        )
+    card = ModelCard.from_template(card_data, template_str=source, **variables)
+    card = str(card) if card.data.to_dict() else card.text  # a template without metadata gets none
+    card = card if card.endswith("\n") else card + "\n"
+    if HF_TOKEN_PATTERN.search(card):
+        raise ValueError(f"The model card rendered from {path} contains a Hugging Face token; refusing it.")
+    absolute = str(output_dir.resolve())
+    if len(absolute) > 1 and absolute in card:
+        raise ValueError(
+            f"The model card rendered from {path} contains the local path {absolute}; refusing it."
+        )
+    return card
+
+
+def write_card(output_dir: str | os.PathLike, inputs: Mapping[str, Any], *, template_path=None) -> Path:
+    """Write README.md, and hf_dpo_run.json (the inputs, the template and the card's hash); returns README.md."""
+    output_dir = Path(output_dir)
+    record = {key: value for key, value in inputs.items() if not _SECRET_KEY.search(str(key))}
+    for key in ("training", "results"):
+        record[key] = _drop_secrets(inputs.get(key) or {})
+    record["versions"] = inputs.get("versions") or framework_versions()  # a later re-render keeps them
+    card = render_card(output_dir, record, template_path=template_path).encode("utf-8")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "README.md").write_bytes(card)
+    record["model_card_template"] = str(Path(template_path).resolve()) if template_path else None
+    record["card_sha256"] = hashlib.sha256(card).hexdigest()
+    (output_dir / RUN_INFO_FILE).write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    return output_dir / "README.md"
+
+
+def card_for_repo(output_dir: str | os.PathLike, repo_id: str) -> str | None:
+    """README.md rendered for `repo_id`, when it is hf_dpo's unedited card rendered for another repo (or
+    none); None when README.md should go up as it is (edited by hand, not hf_dpo's, already for repo_id)."""
+    output_dir = Path(output_dir)
+    try:
+        run = json.loads((output_dir / RUN_INFO_FILE).read_text(encoding="utf-8"))
+        readme = (output_dir / "README.md").read_bytes()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(run, dict) or run.get("hub_model_id") == repo_id:
+        return None
+    if run.get("card_sha256") != hashlib.sha256(readme).hexdigest():
+        return None  # edited since it was written: the user's words go up untouched
+    inputs = {**run, "hub_model_id": repo_id}
+    try:
+        return render_card(output_dir, inputs, template_path=run.get("model_card_template"))
+    except (OSError, ValueError) as err:  # a template that moved or broke: the card as written still holds
+        logger.warning("model card not rendered for %s (%s); pushing README.md as it is", repo_id, err)
+        return None
+
+
+def card_variables(output_dir: Path, inputs: Mapping[str, Any]):
+    """(ModelCardData, template variables) for the card; every value is public (no secret, no local path)."""
+    from huggingface_hub import ModelCardData
+
+    base = str(inputs.get("base_model") or "")
+    base_on_hub = is_hub_id(base)
+    datasets = [
+        {"name": d if is_hub_id(d) else local_name(d), "on_hub": is_hub_id(d)}
+        for d in map(str, inputs.get("datasets") or [])
+    ]
+    training, results = _public(inputs.get("training") or {}), _public(inputs.get("results") or {})
+    qlora = any(m in str(training.get("quantization", "")).lower() for m in ("4-bit", "4bit", "nf4", "fp4"))
+    hub_model_id = inputs.get("hub_model_id") or None
+    tags = (["base_model:adapter:" + base] if base_on_hub else []) + ["dpo", "hf_dpo", "lora", "peft"]
+    card_data = ModelCardData(
+        base_model=base if base_on_hub else None,
+        library_name="peft",
+        license=inputs.get("license") or None,
+        datasets=[d["name"] for d in datasets if d["on_hub"]] or None,
+        tags=tags + ["qlora"] * qlora + ["transformers"],
+        pipeline_tag="text-generation",
+    )
+    curves = CURVES_FILE if (output_dir / CURVES_FILE).is_file() else None
+    name = inputs.get("model_name") or (hub_model_id or "").split("/")[-1] or output_dir.resolve().name
+    reference_free = bool(training.get("reference_free"))
+    reference = "none (reference-free)" if reference_free else "base model with the LoRA adapter disabled"
+    variables = {
+        "model_name": local_name(name) if is_local_path(str(name)) else str(name),
+        "hub_model_id": hub_model_id,
+        "base_model": base if base_on_hub or not is_local_path(base) else local_name(base),
+        "base_model_on_hub": base_on_hub,
+        "datasets": datasets,
+        "license": inputs.get("license") or None,
+        "tags": card_data.tags,
+        "qlora": qlora,
+        "training": training,
+        "training_cells": {key: format_value(value) for key, value in training.items()},
+        "results": results,
+        "results_table": _results_table(results),
+        "losses": _losses(inputs.get("losses"), training),
+        "reference": str(inputs.get("reference") or reference),
+        "reference_free": reference_free,
+        "logp_reduction": str(training.get("logp_reduction", "sum")),
+        "curves_image": curves,
+        "versions": dict(inputs.get("versions") or framework_versions()),
+    }
+    return card_data, variables
+
+
+def framework_versions() -> dict[str, str]:
+    """Versions of hf_dpo and the libraries it trains with, read now (not at import time)."""
+    from hf_dpo import __version__
+
+    versions = {"hf_dpo": __version__}
+    for name in _FRAMEWORKS:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def is_local_path(name: str) -> bool:
+    """A path on this machine rather than a Hub id (transformers also prefers an existing local folder)."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or "\\" in name or os.path.exists(name)
+
+
+def is_hub_id(name: str) -> bool:
+    """A Hub repo id (`org/name` or `name`): not a local path, a data file, nor the locally built tiny model."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from hf_dpo.tiny import TINY_MODEL_NAME
+
+    if (
+        not name
+        or name == TINY_MODEL_NAME
+        or is_local_path(name)
+        or Path(name).suffix.lower() in _DATA_SUFFIXES
+    ):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def local_name(name: str) -> str:
+    """The last component of a local path: enough to recognise it, without revealing where it lived."""
+    return Path(os.path.expanduser(str(name)).rstrip("/\\")).name or str(name)
+
+
+def format_value(value: Any) -> str:
+    """A compact, exact-enough rendering of a setting or metric for a Markdown table cell (5e-05, 0.6523)."""
+    if isinstance(value, float) and math.isfinite(value):
+        if value != 0 and not 1e-3 <= abs(value) < 1e6:
+            return f"{value:.4g}"
+        text = f"{value:.4f}".rstrip("0").rstrip(".")
+        return text if text not in ("", "-0") else "0"
+    if isinstance(value, (list, tuple, set)):
+        return ", ".join(format_value(v) for v in value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _drop_secrets(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        str(key): value
+        for key, value in values.items()
+        if not _SECRET_KEY.search(str(key))
+        and not (isinstance(value, str) and HF_TOKEN_PATTERN.search(value))
+    }
+
+
+def _public(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Secret-looking keys dropped, absolute or home-relative paths cut to their last component."""
+    return {
+        key: local_name(os.fspath(value))
+        if isinstance(value, (str, os.PathLike))
+        and (os.path.isabs(value) or os.fspath(value).startswith("~"))
+        else value
+        for key, value in _drop_secrets(values).items()
+    }
+
+
+def _losses(losses, training: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """[{name, weight, paper, url}]: as given, else one entry per name of training["loss_type"]."""
+    if not losses:
+        names = training.get("loss_type") or "sigmoid"
+        names = [names] if isinstance(names, str) else list(names)
+        weights = training.get("loss_weights") or [1.0] * len(names)
+        losses = [{"name": name, "weight": weight} for name, weight in zip(names, weights)]
+    return [
+        {"paper": None, "url": None, **loss, "weight": float(loss.get("weight", 1.0))}
+        for loss in map(_public, losses)
+    ]
+
+
+def _results_table(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(metric, train cell, eval cell) rows; `eval_x` pairs with `x` (and with `train_x`)."""
+    table: dict[str, dict[str, str]] = {}
+    for key, value in results.items():
+        column = "eval" if key.startswith("eval_") else "train"
+        name = key.removeprefix("eval_").removeprefix("train_")
+        table.setdefault(name, {})[column] = format_value(value)
+    order = [name for name in _RESULT_ORDER if name in table] + sorted(set(table) - set(_RESULT_ORDER))
+    return [(name, table[name].get("train", "–"), table[name].get("eval", "–")) for name in order]

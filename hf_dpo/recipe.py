@@ -1,0 +1,153 @@
+"""QLoRA DPO recipe: align a causal LM with Direct Preference Optimization on one GPU (or CPU).
+
+    accelerate launch recipes/qlora_dpo.py [config.yaml] [--flag value ...]
+    hf-dpo train [config.yaml] [--flag value ...]     # the same recipe
+    python recipes/qlora_dpo.py                       # the embedded default: bundled data + a tiny local model
+
+Supports:
+    - base model in 4-bit (NF4/FP4, nested), 8-bit or full precision, with a new LoRA adapter or one to
+      continue (`adapter_name_or_path`, whose frozen copy is then the reference policy);
+    - every loss of `hf_dpo.losses`, reference-free; the reference live (adapter disabled) or precomputed;
+    - padded or padding-free batches, gradient accumulation and checkpointing, resume, data parallel;
+    - everything in `transformers.TrainingArguments` (report_to, save/eval strategies, push_to_hub with
+      hub_model_id / hub_strategy / hub_private_repo / hub_token, ...), handled by `hf_dpo.DPOTrainer`.
+Assumes:
+    - a causal LM whose tokenizer knows its special tokens (and a chat template for conversational data);
+    - preference data in one of the formats of DESIGN.md (seed `chose`/`rejected`, explicit, chat, ranked).
+
+Exit codes (see hf_dpo.cli.EXIT_CODES): 0 success; 2 bad arguments or data; 3 non-finite loss; 4 training
+finished but the push failed; 5 a file could not be written (disk full, permissions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shlex
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import transformers
+from transformers import HfArgumentParser, set_seed
+
+from .callbacks import SaveError, resolve_resume_checkpoint
+from .cli import UsageError, run_guarded, usage_errors
+from .config import DataArguments, DPOConfig, ModelArguments
+from .data import bundled_data_path, check_pairs_for_loss, load_preference_data
+from .modeling import load_model
+from .resources import bundled_file
+from .trainer import DPOTrainer
+from .yaml_args import check_report_to, parse_args
+
+logger = logging.getLogger("hf_dpo.recipe")
+
+
+def main(argv: list[str] | None = None) -> int:
+    with usage_errors():  # a mistake in the flags, config, model or data stops the run here, before training
+        # 1. Parse: flags, a YAML file, or a YAML file plus flags that override it; no arguments -> tiny.yaml.
+        argv = list(sys.argv[1:] if argv is None else argv) or [
+            str(bundled_file("recipes/configs/tiny.yaml"))
+        ]
+        parser = HfArgumentParser((ModelArguments, DataArguments, DPOConfig))
+        model_args, data_args, training_args = parse_args(parser, argv)
+        check_report_to(training_args.report_to)
+        resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+        setup_logging(training_args)
+        set_seed(training_args.seed)
+
+        # 2. Data: read, normalise and split (before the model, so a bad row fails in seconds, not after
+        # minutes of loading); the trainer tokenises (cached by `datasets`).
+        dataset_name = data_args.dataset_name or str(bundled_data_path())
+        splits = load_preference_data(
+            dataset_name,
+            split=data_args.dataset_train_split,
+            test_split=data_args.dataset_test_split,
+            test_size=data_args.dataset_test_size,
+            seed=training_args.seed,
+            dataset_config=data_args.dataset_config,
+            prompt_field=data_args.prompt_field,
+            chosen_field=data_args.chosen_field,
+            rejected_field=data_args.rejected_field,
+            ranked_mode=data_args.ranked_mode,
+        )
+        for split in splits.values():  # ranked rows (K > 2) need plackett_luce or ranked_mode=pairs
+            check_pairs_for_loss(split, training_args.loss_type, dataset_name)
+
+        # 3. Model: quantised base + LoRA, and its tokenizer.
+        loaded = load_model(
+            model_args,
+            use_cpu=training_args.use_cpu,
+            gradient_checkpointing=training_args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
+        )
+
+        # 4. Trainer: it also publishes (push_to_hub, hub_strategy) and writes the model card.
+        trainer = DPOTrainer(
+            model=loaded.model,
+            args=training_args,
+            train_dataset=splits["train"],
+            eval_dataset=splits.get("test"),
+            processing_class=loaded.tokenizer,
+        )
+        trainer.datasets_used = [dataset_name]
+
+    with resume_hint(argv):  # a full disk while saving: exit 5 with the command that resumes
+        # 5. Train (resuming from the last complete checkpoint if asked), then save the metrics.
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+
+        # 6. Evaluate on the held-out split.
+        if trainer.eval_dataset is not None:
+            metrics = trainer.evaluate()
+            trainer.log_metrics("eval", metrics)
+            trainer.save_metrics("eval", metrics)
+
+        # 7. Save the adapter, tokenizer and model card (README.md + training_curves.png); trainer_state.json
+        # holds the whole log history. With push_to_hub, save_model publishes it all (HubPushError -> exit 4).
+        trainer.save_state()
+        for failure in trainer.hub_push_failures:
+            print(f"warning: a push failed: {failure}", file=sys.stderr)
+        trainer.save_model(training_args.output_dir)
+    logger.info("adapter, tokenizer and model card saved in %s", training_args.output_dir)
+    return 0
+
+
+@contextlib.contextmanager
+def resume_hint(argv: list[str]) -> Iterator[None]:
+    """Add the exact command that resumes the run to a SaveError's message."""
+    try:
+        yield
+    except SaveError as err:
+        if err.last_checkpoint is None:
+            raise
+        program = sys.argv[0]
+        command = ["python", program] if program.endswith(".py") else [Path(program).name, "train"]
+        command += [arg for arg in argv if arg != "--resume_from_checkpoint"] + [
+            "--resume_from_checkpoint",
+            "true",
+        ]
+        raise SaveError(f"{err} Resume with: {shlex.join(command)}", err.last_checkpoint) from err
+
+
+def setup_logging(training_args: DPOConfig) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = training_args.get_process_log_level()
+    # The recipe's own milestones (data summary, where files went, the push) show on the main process.
+    logging.getLogger("hf_dpo").setLevel(min(level, logging.INFO) if training_args.should_log else level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """main() with every error a user can fix turned into one line and its documented exit code."""
+    return run_guarded(main, argv)
+
+
+__all__ = ["main", "cli", "UsageError"]
