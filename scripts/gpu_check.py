@@ -593,36 +593,35 @@ def compare_batches(plan: Plan, pairs, bound: float) -> dict:
 
 
 def check_padding_free(plan: Plan, ctx, attention: str) -> dict:
-    """Packed rows (one row, varlen attention) against padded rows, same weights (a trained adapter)."""
+    """Packed rows (one row, varlen attention) against padded rows, same weights (the trained adapter, copied
+    into a freshly loaded model with `attention`: a model is prepared for DPO once, by its first trainer, and
+    this one's first trainer is the padding-free one)."""
+    import torch
+
     from hf_dpo.attention import VARLEN_ATTENTION
 
-    loaded = ctx["loaded"]
-    if attention == "flash_attention_2":
-        import torch
-
-        trained = {k: v.detach().clone() for k, v in loaded.model.state_dict().items() if "lora_" in k}
-        loaded = load(plan, ctx["model_dir"], attn_implementation="flash_attention_2")
-        with torch.no_grad():
-            loaded.model.load_state_dict(trained, strict=False)
+    loaded = load(plan, ctx["model_dir"], attn_implementation=attention)
+    adapter = {k for k in loaded.model.state_dict() if "lora_" in k}
+    trained = {k: v.detach().clone() for k, v in ctx["loaded"].model.state_dict().items() if k in adapter}
+    if trained.keys() != adapter:
+        raise KeyError(
+            f"adapter weights missing from the trained model: {sorted(adapter - trained.keys())[:3]}"
+        )
+    with torch.no_grad():
+        loaded.model.load_state_dict(trained, strict=False)
     no_sharing = {"share_prompt": False} if "share_prompt" in dpo_fields() else {}
-    padded = make_trainer(
-        plan, loaded, ctx["dataset"], ctx["scratch"] / "padded", ctx["max_length"], **no_sharing
-    )
+    scratch, max_length = ctx["scratch"], ctx["max_length"]
     packed = make_trainer(
-        plan,
-        loaded,
-        ctx["dataset"],
-        ctx["scratch"] / "packed",
-        ctx["max_length"],
-        padding_free=True,
-        **no_sharing,
+        plan, loaded, ctx["dataset"], scratch / "packed", max_length, padding_free=True, **no_sharing
     )
+    padded = make_trainer(plan, loaded, ctx["dataset"], scratch / "padded", max_length, **no_sharing)
     kernel = loaded.model.config._attn_implementation
     expected = "flash_attention_2" if attention == "flash_attention_2" else VARLEN_ATTENTION
+    packed_batch = batch_of(packed)
     result = compare_batches(
-        plan, [(padded, batch_of(padded)), (packed, batch_of(packed))], plan.bounds["packed"]
+        plan, [(padded, batch_of(padded)), (packed, packed_batch)], plan.bounds["packed"]
     )
-    if batch_of(packed)["input_ids"].shape[0] != 1 or kernel != expected:
+    if packed_batch["input_ids"].shape[0] != 1 or kernel != expected:
         result["status"] = "fail"
     result.update(attention_kernel=kernel)
     result["summary"] = f"{kernel}: {result['summary']}"
@@ -881,7 +880,7 @@ def check_resume_after_kill(plan: Plan, ctx, scratch: Path) -> dict:
     """The recipe, SIGKILLed right after checkpoint-3 is complete and resumed with --resume_from_checkpoint true,
     against the same recipe run uninterrupted (started alongside), 6 steps with a checkpoint at each: same adapter
     (bit-identical on CPU), every step logged once."""
-    from hf_dpo.trainer import CHECKPOINT_COMPLETE
+    from hf_dpo.callbacks import CHECKPOINT_COMPLETE
 
     root = scratch / "resume"
     root.mkdir(parents=True, exist_ok=True)
