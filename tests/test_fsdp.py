@@ -166,3 +166,18 @@ def test_two_process_fsdp2_gives_the_metrics_and_adapter_of_one_process(tiny_mod
     )
     assert metric_diff <= TOLERANCE and adapter_diff <= TOLERANCE
     assert min(a[k].abs().max().item() for k in a if "lora_B" in k) > 10 * TOLERANCE  # lora_B starts at 0
+
+
+def test_fsdp_qlora_config_saves_a_full_state_dict():
+    """Under FSDP, transformers' Trainer.save_model writes the model only with a FULL_STATE_DICT: with
+    SHARDED_STATE_DICT a run under recipes/accelerate_configs/fsdp_qlora.yaml would end without
+    adapter_model.safetensors. Checked through accelerate launch's own parsing (the variables its workers get)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = REPO / "recipes" / "accelerate_configs" / "fsdp_qlora.yaml"
+    args = launch_command_parser().parse_args(["--config_file", str(config), str(FSDP_CHECK)])
+    args, _, _ = _validate_launch_command(args)
+    env = prepare_multi_gpu_env(args)
+    assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+    assert (env["FSDP_SHARDING_STRATEGY"], env["FSDP_USE_ORIG_PARAMS"]) == ("FULL_SHARD", "false")
