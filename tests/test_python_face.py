@@ -209,7 +209,7 @@ def test_a_plain_training_arguments_is_used_with_the_dpo_defaults(tiny_model_pat
     assert isinstance(trainer.args, DPOConfig)
     assert (trainer.args.beta, trainer.args.loss_type, trainer.args.seed, trainer.args.max_steps) == (
         0.1,
-        "sigmoid",
+        ["sigmoid"],
         3,
         2,
     )

@@ -247,7 +247,7 @@ def test_yaml_plus_flags_override_the_file(recipe, pairs, tmp_path):
     assert recipe.main([str(config), *overrides]) == 0
 
     run = read_json(out / "hf_dpo_run.json")["training"]
-    assert (run["beta"], run["max_steps"], run["global_step"], run["loss_type"]) == (0.25, 1, 1, "ipo")
+    assert (run["beta"], run["max_steps"], run["global_step"], run["loss_type"]) == (0.25, 1, 1, ["ipo"])
     assert run["lora_r"] == 4  # from the flags, which come after the file
     assert read_json(out / "trainer_state.json")["global_step"] == 1
     assert not (tmp_path / "x").exists()
