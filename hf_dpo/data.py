@@ -966,6 +966,13 @@ def _keep(reasons: list[str]) -> list[bool]:
     return [not r for r in reasons]
 
 
+def _pairwise_name(loss_type) -> str:
+    from .losses import accepts_ranked
+
+    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    return next(name for name in names if not accepts_ranked(name))
+
+
 def check_pairs_for_loss(
     dataset: datasets.Dataset,
     loss_type: str,
@@ -987,7 +994,8 @@ def check_pairs_for_loss(
         if pc.max(counts).as_py() > 2:
             at = pc.index(pc.greater(counts, 2), True).as_py()
             raise PreferenceDataError(
-                f"a ranked row with {counts[at].as_py()} responses, but loss_type={loss_type!r} takes pairs: "
+                f"a ranked row with {counts[at].as_py()} responses, but loss_type={_pairwise_name(loss_type)!r} "
+                "takes pairs: "
                 "pass --loss_type plackett_luce, or --ranked_mode pairs to expand ranked rows into pairs",
                 source,
                 batch["source_line"][at].as_py(),

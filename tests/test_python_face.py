@@ -1,7 +1,7 @@
 """The Python face: what a transformers or TRL user writes around DPOTrainer works unchanged in meaning.
 
-Real tiny Llama, real bitsandbytes 4-bit, real peft adapters; the cases of issue 11 (the Hub ones are in
-tests/test_trainer_hub.py).
+Real tiny Llama, real bitsandbytes 4-bit, real peft adapters, and the real huggingface_hub client against the
+fake Hub of tests/hub_server.py (the `fake_hub` fixture) for publishing.
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def test_a_plain_training_arguments_is_used_with_the_dpo_defaults(tiny_model_pat
     assert isinstance(trainer.args, DPOConfig)
     assert (trainer.args.beta, trainer.args.loss_type, trainer.args.seed, trainer.args.max_steps) == (
         0.1,
-        "sigmoid",
+        ["sigmoid"],
         3,
         2,
     )
@@ -297,3 +297,155 @@ def test_no_private_trainer_method_is_overridden():
     private = {n for n in vars(DPOTrainer) if n.startswith("_") and not n.startswith("__")}
     assert not private & {n for n in dir(Trainer) if n.startswith("_")}
     assert dataclasses.is_dataclass(DPOConfig)
+
+
+# ------------------------------------------------------------------------------------------ publishing
+
+NEVER = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+
+
+def _assert_hf_dpo_card(text: str, tmp_path) -> None:
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(text)
+    assert {"dpo", "hf_dpo", "peft", "lora"} <= set(card.data.tags) and card.data.library_name == "peft"
+    assert card.data.base_model is None  # a local folder is never metadata
+    assert "trained from scratch" not in card.text and str(tmp_path) not in card.text
+    assert "Direct Preference Optimization" in card.text and "hf_dpo/tiny-llama" in card.text
+
+
+def test_push_to_hub_true_publishes_when_train_ends(tiny_model_path, tmp_path, fake_hub):
+    loaded = load(tiny_model_path)
+    args = dpo_config(tmp_path / "run", push_to_hub=True, hub_model_id="me/run", hub_token=fake_hub.token)
+    trainer = DPOTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=tokenised_rows(loaded.tokenizer),
+        processing_class=loaded.tokenizer,
+    )
+    trainer.train()
+    files = fake_hub.files("me/run")
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer.json"} <= set(files)
+    assert not any(name.endswith(NEVER) for name in files) and not any("/" in name for name in files)
+    assert [c["summary"] for c in fake_hub.repos["me/run"].commits] == ["End of training"]
+    _assert_hf_dpo_card(files["README.md"].decode(), tmp_path)
+    assert files["adapter_model.safetensors"] == (tmp_path / "run" / "adapter_model.safetensors").read_bytes()
+    assert all(fake_hub.token.encode() not in data for data in files.values())
+
+
+def test_push_to_hub_publishes_the_hf_dpo_card_and_keeps_it_locally(tiny_model_path, tmp_path, fake_hub):
+    """transformers' own path would publish its generic card, the local folder as base_model and
+    training_args.bin, and overwrite the local README.md: none of that happens."""
+    loaded = load(tiny_model_path)
+    out = tmp_path / "run"
+    trainer = DPOTrainer(
+        model=loaded.model,
+        args=dpo_config(out, hub_model_id="me/later"),
+        train_dataset=tokenised_rows(loaded.tokenizer),
+        processing_class=loaded.tokenizer,
+    )
+    trainer.train()
+    assert fake_hub.repos == {}  # push_to_hub was not asked for
+    url = trainer.push_to_hub(token=fake_hub.token, dataset_name="my/prefs")  # TRL's keyword
+    assert url.startswith(f"{fake_hub.endpoint}/me/later/commit/")
+    files = fake_hub.files("me/later")
+    assert not any(name.endswith(NEVER) for name in files)
+    _assert_hf_dpo_card(files["README.md"].decode(), tmp_path)
+    assert "my/prefs" in files["README.md"].decode()
+    assert (out / "README.md").read_bytes() == files["README.md"]  # the local card is hf_dpo's too
+    assert 'PeftModel.from_pretrained(base, "me/later")' in (out / "README.md").read_text()
+
+
+def test_a_failed_push_raises_with_the_retry_command_and_loses_nothing(tiny_model_path, tmp_path, fake_hub):
+    from hf_dpo.hub import HubPushError
+
+    loaded = load(tiny_model_path)
+    out = tmp_path / "run"
+    trainer = DPOTrainer(
+        model=loaded.model,
+        args=dpo_config(out, hub_model_id="me/x"),
+        train_dataset=tokenised_rows(loaded.tokenizer),
+        processing_class=loaded.tokenizer,
+    )
+    trainer.train()
+    fake_hub.fail("commit", 500)
+    with pytest.raises(HubPushError) as caught:
+        trainer.push_to_hub(token=fake_hub.token)
+    assert caught.value.retry_command == f"hf-dpo push {out} --repo-id me/x"
+    assert caught.value.retry_command in str(caught.value) and "HTTP 500" in str(caught.value)
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= {
+        p.name for p in out.iterdir()
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["end", "every_save", "checkpoint", "all_checkpoints"])
+def test_each_hub_strategy_gives_the_recipes_repo_from_python(tiny_model_path, tmp_path, fake_hub, strategy):
+    """The same run through the recipe and through a Python script (train, then save_model, as TRL's scripts
+    do) leaves the same files in the repo, the same adapter bytes, and the same checkpoint folders."""
+    import hf_dpo.recipe
+    from hf_dpo import load_preference_data
+    from hf_dpo.config import ModelArguments
+    from hf_dpo.data import bundled_data_path
+    from hf_dpo.modeling import load_model
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(bundled_data_path().read_text().splitlines(keepends=True)[:16]))
+    settings = dict(
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=0.01,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        max_length=64,
+        save_strategy="steps",
+        save_steps=1,
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        push_to_hub=True,
+        hub_strategy=strategy,
+        hub_token=fake_hub.token,
+    )
+    argv = [
+        "--model_name_or_path",
+        tiny_model_path,
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(tmp_path / "r"),
+    ]
+    for key, value in {**settings, "hub_model_id": "me/recipe"}.items():
+        argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    assert hf_dpo.recipe.main(argv) == 0
+
+    lora = {k: settings.pop(k) for k in ("lora_r", "lora_alpha", "lora_dropout")}
+    torch.manual_seed(0)
+    loaded = load_model(ModelArguments(model_name_or_path=tiny_model_path, **lora), use_cpu=True)
+    args = DPOConfig(output_dir=str(tmp_path / "p"), hub_model_id="me/python", use_cpu=True, **settings)
+    trainer = DPOTrainer(
+        model=loaded.model,
+        args=args,
+        train_dataset=load_preference_data(data)["train"],
+        processing_class=loaded.tokenizer,
+    )
+    trainer.train()
+    trainer.save_model()
+
+    recipe_files, python_files = fake_hub.files("me/recipe"), fake_hub.files("me/python")
+    results = {"train_results.json", "all_results.json"}  # the recipe's save_metrics; a script may skip it
+    assert set(recipe_files) - results == set(python_files)
+    for name in python_files:
+        if name.endswith("adapter_model.safetensors"):
+            assert recipe_files[name] == python_files[name], name
+    folders = {name.split("/")[0] for name in python_files if "/" in name}
+    assert (
+        folders
+        == {
+            "end": set(),
+            "every_save": set(),
+            "checkpoint": {"last-checkpoint"},
+            "all_checkpoints": {"checkpoint-1", "checkpoint-2"},
+        }[strategy]
+    )

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import shlex
 import socket
 import subprocess
@@ -247,7 +246,7 @@ def test_yaml_plus_flags_override_the_file(recipe, pairs, tmp_path):
     assert recipe.main([str(config), *overrides]) == 0
 
     run = read_json(out / "hf_dpo_run.json")["training"]
-    assert (run["beta"], run["max_steps"], run["global_step"], run["loss_type"]) == (0.25, 1, 1, "ipo")
+    assert (run["beta"], run["max_steps"], run["global_step"], run["loss_type"]) == (0.25, 1, 1, ["ipo"])
     assert run["lora_r"] == 4  # from the flags, which come after the file
     assert read_json(out / "trainer_state.json")["global_step"] == 1
     assert not (tmp_path / "x").exists()
@@ -379,6 +378,8 @@ def test_every_shipped_config_parses_to_its_values(config):
         holder = next(args for args in parsed if hasattr(args, key))
         if key == "report_to":
             assert holder.report_to == ([] if value == "none" else [value])
+        elif key == "loss_type" and isinstance(value, str):
+            assert holder.loss_type == [value]
         elif key != "bf16":
             assert getattr(holder, key) == value, key
 
@@ -499,7 +500,8 @@ def test_push_to_hub_publishes_exactly_the_adapter_tokenizer_card_and_results(re
     assert set(files) == PUSHED
     assert files == pushable_files(out)  # byte for byte what the run left
     assert hub.repos["me/tiny-dpo"].private
-    assert [c["summary"] for c in hub.repos["me/tiny-dpo"].commits] == ["Upload DPO adapter with hf_dpo"]
+    # train() publishes when it ends; the recipe's save_model, after the evaluation, publishes the results too.
+    assert [c["summary"] for c in hub.repos["me/tiny-dpo"].commits] == ["End of training", "Model save"]
     assert_no_secret_or_local_path(files, tmp_path, os.environ["HF_DPO_CACHE"], ROOT)
     # The token went out only in Authorization headers, and was never written anywhere locally.
     assert all(TOKEN.encode() not in r.body and TOKEN not in r.path for r in hub.requests)
@@ -530,7 +532,9 @@ def test_hub_strategy_pushes_at_every_save(recipe, pairs, hub, tmp_path, strateg
     expected = [
         f"Training in progress, step {step}{suffix}" for step in (1, 2) for suffix in per_save[strategy]
     ]
-    assert [c["summary"] for c in commits] == [*expected, "Upload DPO adapter with hf_dpo"]
+    # "End of training" holds nothing the step-2 push did not (huggingface_hub skips an empty commit); the
+    # recipe's final save_model adds the results files.
+    assert [c["summary"] for c in commits] == [*expected, "Model save"]
     first_root = {path for path in commits[0]["files"] if "/" not in path}
     assert first_root == PUSHED_FROM_CHECKPOINT  # the model saved at step 1, before any results exist
 
@@ -584,7 +588,12 @@ def test_hub_down_during_and_after_training_then_hf_dpo_push_retries(recipe, pai
     argv += ["--hub_strategy", "every_save", "--save_strategy", "steps", "--save_steps", "1"]
     assert recipe.cli([*argv, "--hub_token", TOKEN]) == 4
     err = capsys.readouterr().err
-    assert "2 push(es) during training failed" in err and "HTTP 503" in err
+    failed = [line for line in err.splitlines() if line.startswith("warning: a push failed: ")]
+    assert [line.split(": ", 2)[2].split(" ")[0] for line in failed] == [
+        "step",
+        "step",
+        "end",
+    ] and "HTTP 503" in err
     retry = next(line.strip() for line in err.splitlines() if line.strip().startswith("hf-dpo push"))
     assert retry == f"hf-dpo push {out} --repo-id me/later"
     assert {p.name for p in out.iterdir()} >= RUN_FILES
@@ -603,23 +612,50 @@ def test_hub_down_during_and_after_training_then_hf_dpo_push_retries(recipe, pai
     assert set(hub.files("me/later")) == PUSHED
 
 
-def test_a_wheel_carries_the_recipe_its_configs_and_the_bundled_data():
-    """hf_dpo/_bundled links to the checkout's files, and the package-data patterns take them into the wheel,
-    so `pip install hf_dpo` (not editable) still runs `hf-dpo train` on the embedded default."""
-    package = ROOT / "hf_dpo"
-    bundled = package / "_bundled"
-    assert (bundled / "dpo_data.jsonl").resolve() == BUNDLED.resolve()
-    assert (bundled / "qlora_dpo.py").resolve() == RECIPE.resolve()
-    assert (bundled / "configs" / "tiny.yaml").read_bytes() == (
-        ROOT / "recipes/configs/tiny.yaml"
-    ).read_bytes()
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    section = pyproject.split("[tool.setuptools.package-data]", 1)[1]
-    patterns = json.loads(re.search(r"^hf_dpo = (\[.*\])$", section, re.M).group(1))  # a JSON-like TOML list
-    shipped = {path for pattern in patterns for path in package.glob(pattern)}
-    needed = [bundled / "dpo_data.jsonl", bundled / "qlora_dpo.py", package / "model_card_template.md"]
-    needed += sorted((bundled / "configs").glob("*.yaml"))
-    assert set(needed) <= shipped
+@pytest.mark.slow
+def test_a_wheel_carries_the_template_the_configs_and_the_bundled_data(tmp_path):
+    """A plain `pip install .` (a wheel) holds copies of the top-level files under hf_dpo/_bundled, found
+    through importlib.resources, so `hf-dpo train` runs the embedded default without a checkout; the
+    checkout itself has no symlinks."""
+    import zipfile
+
+    assert not [
+        p for p in ROOT.rglob("*") if p.is_symlink() and ".venv" not in p.parts and ".git" not in p.parts
+    ]
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(tmp_path.glob("hf_dpo-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(tmp_path / "site")
+    shipped = {
+        "model_card_template.md": ROOT / "model_card_template.md",
+        "data/dpo_data.jsonl": BUNDLED,
+        **{f"recipes/configs/{p.name}": p for p in (ROOT / "recipes" / "configs").glob("*.yaml")},
+    }
+    for relative, original in shipped.items():
+        assert f"hf_dpo/_bundled/{relative}" in names, relative
+        assert (tmp_path / "site" / "hf_dpo" / "_bundled" / relative).read_bytes() == original.read_bytes()
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from hf_dpo.resources import bundled_file as f; print(f('recipes/configs/tiny.yaml'))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+    )
+    assert probe.stdout.strip() == str(
+        tmp_path / "site" / "hf_dpo" / "_bundled" / "recipes" / "configs" / "tiny.yaml"
+    )
 
 
 # --------------------------------------------------------------------------------------------- launchers and faults

@@ -390,7 +390,7 @@ def test_final_save_and_logged_metric_names(tiny_model_path, tmp_path):
     assert set(METRIC_NAMES) <= logged
     assert {f"eval_{k}" for k in METRIC_NAMES} <= logged
     run_info = json.loads((tmp_path / "hf_dpo_run.json").read_text())
-    assert run_info["training"]["loss_type"] == "sigmoid"
+    assert run_info["training"]["loss_type"] == ["sigmoid"]
 
 
 def test_nonfinite_loss_stops_with_step_and_rows(tiny_model_path, tmp_path):
