@@ -26,9 +26,10 @@ class NonFiniteGuard(TrainerCallback):
     """Stops the run (or, with nonfinite_action=skip, skips the update) when a step's loss or gradients are
     not finite, and stops it before saving when an update made the weights non-finite.
 
-    compute_loss reports every training micro-batch through `observe`; the decision is taken once per
-    optimizer step, before the update, with every rank agreeing first (one rank raising while the others
-    wait in a gradient all-reduce would hang).
+    compute_loss reports every training micro-batch through `observe`; the decision (`end_of_step`, from the
+    trainer's training_step after the last micro-batch's backward) is taken once per optimizer step, before
+    gradient clipping and the update, with every rank agreeing first (one rank raising while the others wait
+    in a gradient all-reduce would hang). A skipped step reaches the optimizer with no gradient at all.
     """
 
     def __init__(self, accelerator, describe_rows):
@@ -44,7 +45,7 @@ class NonFiniteGuard(TrainerCallback):
         if not torch.isfinite(loss.detach()):
             self.fault = self.fault or "loss"
 
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+    def end_of_step(self, args, state, model) -> None:
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
         if self.fault is None and not all_finite(grads):
             self.fault = "gradient"
@@ -71,15 +72,17 @@ class NonFiniteGuard(TrainerCallback):
             "batches."
         )
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         # Before anything is logged or saved: an update can itself overflow (e.g. a learning rate of inf)
         # from finite gradients; such weights must never reach a checkpoint.
         if args.nonfinite_action == "stop" and not all_finite(
             [p for p in model.parameters() if p.requires_grad]
         ):
+            rate = optimizer.param_groups[0]["lr"] if optimizer is not None else args.learning_rate
             raise NonFiniteLossError(
-                f"non-finite weights after the update of step {state.global_step}, {self.describe_rows(self.last_rows)}. "
-                "The run stopped before saving them; checkpoints saved so far are kept. Lower the learning rate."
+                f"non-finite weights after the update of step {state.global_step}, "
+                f"{self.describe_rows(self.last_rows)} (learning rate {rate}). The run stopped before saving "
+                "them; checkpoints saved so far are kept. Lower the learning rate."
             )
 
 

@@ -191,20 +191,19 @@ def _peft_reads_a_deprecated_property() -> Iterator[None]:
 
 
 def prepare_model(model: nn.Module, args, *, is_reference: bool = False) -> nn.Module:
-    """Make a model ready for DPO once (a second call does nothing): dropout off (`disable_dropout`) except in
-    the LoRA adapter being trained, the 4-bit repacking guard, and per-sequence attention for padding-free
-    batches. load_model's models and the user's own pass through here alike."""
-    if model in _PREPARED:
-        return model
-    if args.disable_dropout:
-        disable_dropout(model, keep_trained_lora=not is_reference)
-    guard_cpu_4bit_repacking(model)
+    """Make a model ready for DPO: dropout off (`disable_dropout`) except in the LoRA adapter being trained
+    and the 4-bit repacking guard, once per model (load_model's and the user's own alike); and per-sequence
+    attention for padding-free batches, whenever a trainer asks for them."""
     if args.padding_free:
         from .attention import use_varlen_attention
 
         # sdpa/eager would attend across the whole packed row (N^2); attend within each sequence instead.
         use_varlen_attention(model)
-    _PREPARED.add(model)
+    if model not in _PREPARED:
+        if args.disable_dropout:
+            disable_dropout(model, keep_trained_lora=not is_reference)
+        guard_cpu_4bit_repacking(model)
+        _PREPARED.add(model)
     return model
 
 

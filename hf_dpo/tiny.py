@@ -121,8 +121,9 @@ def ensure_tiny_model(path: str | os.PathLike | None = None) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "hf_dpo_tiny.json").write_text(json.dumps({"version": TINY_BUILD_VERSION}))
-    # Move the files in last, so a crash never leaves a half-built model that later runs would trust.
-    for item in tmp.iterdir():
+    # Move the files in last, the marker after everything else, so a crash (or another process looking at the
+    # same moment) never finds a half-built model that it would trust.
+    for item in sorted(tmp.iterdir(), key=lambda item: item.name == marker.name):
         os.replace(item, target / item.name)
     tmp.rmdir()
     return target

@@ -107,6 +107,10 @@ class DPOTrainer(Trainer):
         args.hub_strategy = "end"
         if not torch.accelerator.is_available():
             args.dataloader_pin_memory = False  # nothing to pin to on CPU (and no warning at every epoch)
+        if args.ddp_find_unused_parameters is None:
+            # Every trained (LoRA) weight takes part in every forward, so DDP need not walk the autograd
+            # graph looking for unused ones each step.
+            args.ddp_find_unused_parameters = False
 
         if isinstance(model, str):
             loaded = load_model(
@@ -345,6 +349,12 @@ class DPOTrainer(Trainer):
         if mode == "train" and self.guard.skipped:
             logs["nonfinite_batches_skipped"] = self.guard.skipped
         super().log(logs, start_time)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:  # the last micro-batch: clipping and the update come next
+            self.guard.end_of_step(self.args, self.state, model)
+        return loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)

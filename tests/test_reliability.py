@@ -7,7 +7,6 @@ tests/test_distributed.py.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -27,8 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+from hf_dpo.callbacks import CHECKPOINT_COMPLETE, resolve_resume_checkpoint
 from hf_dpo.data import PreferenceDataError, bundled_data_path, load_preference_data
-from hf_dpo.trainer import CHECKPOINT_COMPLETE, DPOTrainer, resolve_resume_checkpoint
+from hf_dpo.trainer import DPOTrainer
 
 try:
     from hub_server import FakeHub
@@ -51,7 +51,7 @@ import dataclasses, json, os, runpy, sys
 import safetensors.torch
 import torch
 
-import hf_dpo.publish
+import hf_dpo.hub
 import hf_dpo.reference_cache
 import hf_dpo.trainer
 
@@ -79,12 +79,12 @@ def journaled(owner, name, event, describe):
 
 journaled(Trainer, "training_step", "batch", lambda self, model, inputs, *a, **k: {
     "step": self.state.global_step + 1, "rows": inputs["source_line"].tolist()})
-journaled(hf_dpo.publish, "write_run_card", "card", lambda trainer, folder: {"folder": str(folder)})
-journaled(hf_dpo.publish, "publish", "push", lambda folder, repo_id, **k: {"folder": str(folder)})
+journaled(Trainer, "write_model_card", "card", lambda trainer, folder, *a, **k: {"folder": str(folder)})
+journaled(hf_dpo.hub, "push_folder", "push", lambda folder, repo_id, **k: {"folder": str(folder)})
 journaled(hf_dpo.reference_cache, "_compute_rows", "ref_rows", lambda t, d, indices: {"indices": indices})
 journaled(safetensors.torch, "save_file", "save_file", lambda tensors, path, *a, **k: {"path": str(path)})
 
-precompute = hf_dpo.trainer.precompute_reference_logps
+precompute = hf_dpo.reference_cache.precompute_reference_logps
 
 
 def precompute_and_note(trainer, dataset):
@@ -93,12 +93,12 @@ def precompute_and_note(trainer, dataset):
     return result
 
 
-hf_dpo.trainer.precompute_reference_logps = precompute_and_note
+hf_dpo.reference_cache.precompute_reference_logps = precompute_and_note
 sequence_logps = Trainer.sequence_logps
 
 
-def poisoned_sequence_logps(self, model, inputs):
-    out = sequence_logps(self, model, inputs)
+def poisoned_sequence_logps(self, model, inputs, **kwargs):
+    out = sequence_logps(self, model, inputs, **kwargs)
     if POISON_HERE and torch.is_grad_enabled() and self.state.global_step + 1 == POISON_STEP:
         out = dataclasses.replace(out, logps=out.logps * float("nan"))
     return out
@@ -185,10 +185,9 @@ def read_journal(path: Path) -> list[dict]:
 
 
 def load_recipe():
-    spec = importlib.util.spec_from_file_location("qlora_dpo_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import hf_dpo.recipe
+
+    return hf_dpo.recipe
 
 
 def adapter(folder: Path) -> dict[str, torch.Tensor]:
@@ -378,8 +377,8 @@ def test_skip_option_skips_the_non_finite_batch_and_counts_it(tiny_model_path, t
 
     original = DPOTrainer.sequence_logps
 
-    def poisoned(self, model, inputs):
-        out = original(self, model, inputs)
+    def poisoned(self, model, inputs, **kwargs):
+        out = original(self, model, inputs, **kwargs)
         if torch.is_grad_enabled() and self.state.global_step + 1 == 3:
             out = dataclasses.replace(out, logps=out.logps * float("nan"))
         return out
@@ -484,7 +483,7 @@ def test_adapters_base_weights_and_data_load_without_pickle(tiny_model_path, tmp
     assert (base / "model.safetensors").exists()
     _malicious_pickle(base / "pytorch_model.bin", canary)
     loaded = load_model(model_args(str(base), adapter_name_or_path=str(saved)), use_cpu=True)
-    assert loaded.has_reference_adapter and not canary.exists()
+    assert "default" in loaded.model.peft_config and not canary.exists()
 
     (saved / "adapter_model.safetensors").unlink()
     with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
