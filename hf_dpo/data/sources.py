@@ -1,0 +1,209 @@
+"""Reading preference data into raw `datasets.Dataset` parts, one per file or source split.
+
+JSON Lines (`.jsonl`, or a `.json` file holding JSON Lines) is read by hand so that messages name the exact
+line (1-based, blank lines counted); its lines stream into a cached Dataset, never into Python lists.
+Everything else (JSON arrays, Parquet, CSV, saved datasets, folders of data files, `datasets` ids, in-memory
+datasets) goes through `datasets.load_dataset` / `load_from_disk`; its rows are named "row N" (1-based).
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# A hand-read JSON Lines part: the bytes of each non-blank line (parsed when normalised) and its number.
+LINE_FEATURES = datasets.Features({"json": datasets.Value("binary"), "source_line": datasets.Value("int64")})
+# Where a normalised or tokenised row comes from: its line or row number, its file or dataset ("a.jsonl",
+# "<train dataset>", "owner/name (split)"), and "line" (JSON Lines) or "row". Plain columns rather than
+# dataset metadata: they survive map, filter, select, shuffle, save/load and concatenate_datasets (rows of
+# several files keep their own names) at a few bytes per row, and the collator ignores them.
+_LINE, _TEXT = datasets.Value("int64"), datasets.Value("string")
+SOURCE_FEATURES = datasets.Features({"source_line": _LINE, "source_name": _TEXT, "source_kind": _TEXT})
+
+
+class PreferenceDataError(ValueError):
+    """Bad preference data; the message names the source (``path``), ``line`` (of kind ``line_kind``,
+    "line" or "row") and ``field``."""
+
+    def __init__(self, reason: str, path=None, line: int | None = None, field=None, line_kind="line"):
+        self.reason, self.path, self.line, self.field, self.line_kind = reason, path, line, field, line_kind
+        self.path = None if path is None else str(path)
+        where = [self.path or "<unknown source>"] + [f"{line_kind} {line}"] * (line is not None)
+        super().__init__(", ".join(where + [f"field {field!r}"] * (field is not None)) + f": {reason}")
+
+    def __reduce__(self):  # keeps the attributes when raised in a `datasets` worker process
+        return (type(self), (self.reason, self.path, self.line, self.field, self.line_kind))
+
+
+@dataclass(frozen=True)
+class RawPart:
+    dataset: datasets.Dataset  # kind "line": LINE_FEATURES; kind "row": the records' own columns
+    name: str
+    kind: str
+
+
+def cache_key(*parts: Any) -> str:
+    """A `datasets` fingerprint for a transform of ours: a hash of its input's fingerprint and settings."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def bundled_data_path() -> Path:
+    """The sample data (seed format): ``<checkout>/data/dpo_data.jsonl``, else the copy a wheel carries."""
+    in_checkout = Path(__file__).resolve().parents[2] / "data" / "dpo_data.jsonl"
+    return in_checkout if in_checkout.is_file() else Path(__file__).parents[1] / "_bundled" / in_checkout.name
+
+
+def _lines(path: str, stamp: str):
+    """The non-blank lines of a JSON Lines file (`stamp`, its size and mtime, keys the `datasets` cache)."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            raw = raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw
+            if raw.strip():
+                yield {"json": raw, "source_line": number}
+
+
+def _innermost(error: BaseException) -> str:
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {error}"
+
+
+def _json_lines(path: Path, cache_dir: str | None) -> RawPart:
+    kwargs = {"path": str(path.resolve()), "stamp": f"{path.stat().st_size}:{path.stat().st_mtime_ns}"}
+    try:
+        dataset = datasets.Dataset.from_generator(_lines, LINE_FEATURES, cache_dir, gen_kwargs=kwargs)
+    except Exception as e:  # datasets wraps a failing generator (unreadable file, disk full) in its own error
+        if any(True for _ in _lines(str(path), "")):
+            raise PreferenceDataError(f"cannot read the file: {_innermost(e)}", path) from e
+        dataset = datasets.Dataset.from_dict({"json": [], "source_line": []}, LINE_FEATURES)  # no records
+    return RawPart(dataset, str(path), "line")
+
+
+def _json_document_field(path: Path) -> str | None:
+    """For a .json file: None if it holds JSON Lines, else the key holding its records ("" for an array)."""
+    with path.open("rb") as handle:
+        head = handle.read(4096).removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace").lstrip()
+        handle.seek(0)
+        first = next((line for line in handle if line.strip()), b"").removeprefix(codecs.BOM_UTF8)
+    try:
+        one_line = json.loads(first)
+    except (ValueError, RecursionError):
+        one_line = None  # a pretty-printed document
+    key = re.match(r'\{\s*("(?:[^"\\]|\\.)*")\s*:\s*\[', head)  # {"data": [...]}: one key holding the rows
+    if head.startswith("[") or key is None or (isinstance(one_line, dict) and len(one_line) > 1):
+        return "" if head.startswith("[") else None
+    return json.loads(key[1])
+
+
+def _locate_json_error(path: Path) -> PreferenceDataError | None:
+    """After `datasets` failed on a JSON document: the line of its first syntax or encoding error."""
+    data = path.read_bytes()
+    try:
+        json.loads(data.decode("utf-8").removeprefix("\ufeff"))
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        return PreferenceDataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", path, line)
+    except json.JSONDecodeError as e:
+        return PreferenceDataError(f"invalid JSON at column {e.colno}: {e.msg}", path, e.lineno)
+    except (ValueError, RecursionError) as e:
+        return PreferenceDataError(f"invalid JSON: {type(e).__name__}: {e}", path)
+    return None
+
+
+def _file(path: Path, cache_dir: str | None) -> RawPart:
+    suffix = path.suffix.lower()
+    field = _json_document_field(path) if suffix == ".json" else None
+    if suffix == ".jsonl" or (suffix == ".json" and field is None):
+        return _json_lines(path, cache_dir)
+    builder, kwargs = FILE_BUILDERS[suffix], {"field": field} if field else {}
+    try:
+        dataset = datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir, **kwargs)["train"]
+    except Exception as e:  # pyarrow, pandas and datasets raise many types: all are reported as one
+        located = _locate_json_error(path) if builder == "json" else None
+        raise located or PreferenceDataError(f"cannot read as {builder}: {_innermost(e)}", path) from e
+    return RawPart(dataset, str(path), "row")
+
+
+def _folder(path: Path, cache_dir: str | None) -> dict:
+    """A folder of data files, split as `datasets` infers it from the file names (train.jsonl, ...)."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        files = DataFilesDict.from_patterns(get_data_patterns(str(path)), str(path))
+    except Exception as e:  # datasets raises its own EmptyDatasetError and friends
+        raise PreferenceDataError(f"no data files found: {_innermost(e)}", path) from e
+    ours = lambda names: sorted(Path(f) for f in names if Path(f).suffix.lower() in FILE_BUILDERS)  # noqa: E731
+    splits = {str(n): ours(names) for n, names in files.items()}
+    if not any(splits.values()):
+        raise PreferenceDataError(f"no {'/'.join(FILE_BUILDERS)} files in the folder", path)
+    return {n: (lambda paths=ps: [_file(p, cache_dir) for p in paths]) for n, ps in splits.items() if ps}
+
+
+def _splits(loaded, name: str | None, single: str) -> dict:
+    """{split: () -> [RawPart]} for a Dataset (the split `single`) or a DatasetDict ("<name> (split)")."""
+    if isinstance(loaded, datasets.Dataset):
+        return {single: lambda: [RawPart(loaded, name or f"<{single} dataset>", "row")]}
+    label = (lambda n: f"<{n} dataset>") if name is None else (lambda n: f"{name} ({n})")
+    return {str(n): (lambda ds=ds, n=n: [RawPart(ds, label(n), "row")]) for n, ds in loaded.items()}
+
+
+def read_source(source: Any, split: str, test_split: str | None, dataset_config: str | None, cache_dir=None):
+    """{"train": [RawPart, ...]} (and "test" when `test_split` is set); only the wanted splits are read."""
+    path = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else None
+    label = str(path) if path else f"<{type(source).__name__}>"
+    hub_id = isinstance(source, str) and re.fullmatch(r"[^./~\\][^/\\]*(/[^/\\]+)?", source) is not None
+    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        available = _splits(source, None, split)
+    elif path is None:
+        reason = f"expected a file, folder, dataset id or datasets.Dataset, got {type(source).__name__}"
+        raise PreferenceDataError(reason, repr(source))
+    elif path.is_file():
+        if path.suffix.lower() not in FILE_BUILDERS:
+            reason = f"unsupported file type {path.suffix!r}; use one of {tuple(FILE_BUILDERS)}"
+            raise PreferenceDataError(reason, path)
+        available = {split: lambda: [_file(path, cache_dir)]}
+    elif (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        try:
+            available = _splits(datasets.load_from_disk(str(path)), label, split)
+        except Exception as e:  # corrupt folders raise many types; report them as data errors
+            raise PreferenceDataError(f"cannot load the saved dataset: {_innermost(e)}", path) from e
+    elif path.is_dir():
+        available = _folder(path, cache_dir)
+    elif hub_id and not source.lower().endswith(tuple(FILE_BUILDERS)):  # "name" or "owner/name"
+        try:  # the user's cache and offline mode apply
+            available, label = _splits(datasets.load_dataset(source, dataset_config), source, "train"), source
+        except Exception as e:  # network, missing dataset, bad config: all reported as one error type
+            raise PreferenceDataError(f"cannot load dataset: {type(e).__name__}: {e}", source) from e
+    else:
+        raise PreferenceDataError("file not found", path)
+    wanted = {"train": split} if test_split is None else {"train": split, "test": test_split}
+    for name, source_split in wanted.items():
+        if source_split not in available:
+            reason = f"no split {source_split!r}; the source has {sorted(available)}"
+            raise PreferenceDataError(reason, label, field="test_split" if name == "test" else "split")
+    return {name: available[source_split]() for name, source_split in wanted.items()}
+
+
+def describe_rows(dataset: datasets.Dataset, source_lines) -> str:
+    """Name rows by their `source_line`s, e.g. "dpo_data.jsonl lines 3, 7" or "<train dataset> row 4"
+    (sources joined by "; "), in a normalised or tokenised dataset."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lines, found = sorted({int(n) for n in source_lines}), {}
+    if set(SOURCE_FEATURES) <= set(dataset.column_names):
+        table = dataset.select_columns(list(SOURCE_FEATURES)).with_format("arrow")[:]
+        for row in table.filter(pc.is_in(table["source_line"], pa.array(lines, pa.int64()))).to_pylist():
+            found.setdefault((row["source_name"], row["source_kind"]), set()).add(row["source_line"])
+    found = found or {("<dataset>", "source_line"): lines}  # rows built without source columns
+    numbers = {where: ", ".join(map(str, sorted(ns))) for where, ns in found.items()}
+    return "; ".join(f"{name} {kind}{'s' * (',' in ns)} {ns}" for (name, kind), ns in numbers.items())
