@@ -1,6 +1,6 @@
 """The four record formats (DESIGN.md, "Record formats": seed, explicit, conversational, ranked) normalised
 into one schema by one batched `Dataset.map`; then rows without a preference are counted and dropped, the
-test split held out, and (on request) ranked rows expanded into pairs."""
+test split is held out, and (on request) ranked rows are expanded into pairs."""
 
 from __future__ import annotations
 
@@ -11,28 +11,31 @@ import math
 import os
 from collections import namedtuple
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import datasets
 import pyarrow.compute as pc
 
-from .sources import SOURCE_FEATURES, PreferenceDataError, RawPart, cache_key, read_source
+from .sources import SOURCE_FEATURES, PreferenceDataError, RawPart, cache_key, parse_json, read_source
 
 logger = logging.getLogger(__name__)
 
-_TEXT, _LINE = datasets.Value("string"), datasets.Value("int64")
+_TEXT = datasets.Value("string")
 NORMALISED_FEATURES = datasets.Features(
-    {"prompt": _TEXT, "completions": [_TEXT], "source_line": _LINE, "messages_json": _TEXT}
+    {"prompt": _TEXT, "completions": [_TEXT], "source_line": datasets.Value("int64"), "messages_json": _TEXT}
 )
 # The map also writes why a row is dropped ("" if kept) and the scores of ranked rows (for pairs).
 _EXTRA = {"_drop": _TEXT, "_scores": datasets.List(datasets.Value("float64"))}
 _MAP_FEATURES = datasets.Features({**NORMALISED_FEATURES, **SOURCE_FEATURES, **_EXTRA})
+_MAP = {"batched": True, "with_indices": True, "features": _MAP_FEATURES, "desc": "Normalising"}
 FORMAT_VERSION = "1"  # part of the cache key: bump it when normalised rows change
 RANKED_MODES = ("plackett_luce", "pairs")
 DROP_IDENTICAL = "chosen identical to rejected"
 DROP_FEWER_THAN_TWO = "fewer than 2 distinct responses"
 DROP_SCORES_TIED = "all scores tied"
+_RANKED_FIX = "pass --loss_type plackett_luce, or --ranked_mode pairs to expand ranked rows into pairs"
 _MAX_DROP_WARNINGS = 10  # per split: the first few dropped rows are named, the rest only counted
+Fields = namedtuple("Fields", "prompt chosen rejected responses scores")  # chosen None: "chosen" or "chose"
 
 
 @dataclass
@@ -47,28 +50,24 @@ class SplitStats:
     dropped: dict[str, int] = field(default_factory=dict)
 
     def summary(self, what: str = "loaded") -> str:
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dropped.items()))
+        reasons = " (" + ", ".join(f"{reason}: {n}" for reason, n in sorted(self.dropped.items())) + ")"
         line = f"{what} split {self.split!r}: read {self.read} rows, kept {self.kept}"
-        line += f" (as {self.rows} rows)" if self.rows != self.kept else ""
-        line += f", truncated {self.truncated}" if what == "tokenized" else ""
-        return line + f", dropped {sum(self.dropped.values())}" + (f" ({reasons})" if reasons else "")
+        line += f" (as {self.rows} rows)" * (self.rows != self.kept)
+        line += f", truncated {self.truncated}" * (what == "tokenized")
+        return line + f", dropped {sum(self.dropped.values())}" + reasons * bool(self.dropped)
 
 
-# The records' field names (chosen None: "chosen", or the seed's "chose").
-Fields = namedtuple("Fields", "prompt chosen rejected responses scores")
-
-
-class Where(NamedTuple):
+class Where(namedtuple("Where", "name kind line")):
     """A row's place in its source: "data.jsonl, line 3" or "<train dataset>, row 4"."""
 
-    name: str
-    kind: str
-    line: int
+    @classmethod
+    def of(cls, row: dict, name: str = "<dataset>", kind: str = "source_line") -> Where:  # of a row we wrote
+        return cls(row.get("source_name", name), row.get("source_kind", kind), row.get("source_line"))
 
     def error(self, field: str | None, reason: str) -> PreferenceDataError:
         return PreferenceDataError(reason, self.name, self.line, field, self.kind)
 
-    def __str__(self) -> str:
+    def __str__(self) -> str:  # as messages name it
         return f"{self.name}, {self.kind} {self.line}"
 
 
@@ -79,29 +78,11 @@ def _expect(value: Any, kind: type, what: str, field: str | None, where: Where) 
 
 
 def _completion(text: str, prompt: str, field: str, where: Where) -> str:
-    """The text after `prompt` if it repeats it, which must not be blank."""
+    """`text` without `prompt` if it repeats it; it must not be blank."""
     text = text[len(prompt) :] if prompt and text.startswith(prompt) else text
     if not text.strip():
         raise where.error(field, "empty completion text")
     return text
-
-
-def _parse_line(raw: bytes, where: Where) -> Any:
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise where.error(None, f"not valid UTF-8 ({e.reason} at byte {e.start} of the line)") from None
-    except json.JSONDecodeError as e:
-        raise where.error(None, f"invalid JSON at column {e.colno}: {e.msg}") from None
-    except (ValueError, RecursionError) as e:  # e.g. integers over the digit limit, nesting too deep
-        raise where.error(None, f"invalid JSON: {type(e).__name__}: {e}") from None
-
-
-def _implicit_prompt(first: str, second: str) -> str:
-    """Longest common prefix, cut back to its last whitespace so that no word is split. The whitespace
-    starts the completions (as in TRL): tokenizers attach a space to the word after it."""
-    common = os.path.commonprefix([first, second])
-    return common[: max((i for i, char in enumerate(common) if char.isspace()), default=0)]
 
 
 def _messages(value: Any, field: str, where: Where) -> list[dict[str, str]]:
@@ -112,8 +93,7 @@ def _messages(value: Any, field: str, where: Where) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-# A normalised record: (prompt, completions best first, messages_json, scores), or why it is dropped (str).
-_Row = tuple[str, list[str], str, list[float] | None]
+_Row = tuple[str, list[str], str, list[float] | None]  # prompt, completions best first, messages_json, scores
 
 
 def _normalise(value: Any, where: Where, fields: Fields) -> _Row | str:
@@ -126,22 +106,25 @@ def _normalise(value: Any, where: Where, fields: Fields) -> _Row | str:
         if key in value and value[key] is None:
             raise where.error(key, f"field {key!r} is null")
         if key not in value:
-            shown = ", ".join(repr(k[:40]) for k in sorted(map(str, value))[:20])
+            names = sorted(map(str, value))
+            shown = ", ".join(repr(k[:40]) for k in names[:20]) + ", ..." * (len(names) > 20)
             alias = " (or 'chose')" if key == "chosen" and fields.chosen is None else ""
-            more = ", ..." if len(value) > 20 else ""
-            raise where.error(key, f"missing field {key!r}{alias}; the row has fields: [{shown}{more}]")
+            raise where.error(key, f"missing field {key!r}{alias}; the row has fields: [{shown}]")
     chosen, rejected, prompt = value[chosen_key], value[fields.rejected], value.get(fields.prompt)
     if any(isinstance(v, list) for v in (chosen, rejected, prompt)):
         return _conversation(prompt, [(chosen_key, chosen), (fields.rejected, rejected)], where, fields)
     chosen = _expect(chosen, str, "a string", chosen_key, where)
     rejected = _expect(rejected, str, "a string", fields.rejected, where)
+    if prompt is None and chosen == rejected:
+        return DROP_IDENTICAL
     if prompt is None:  # the seed's format: the prompt is the shared start of both texts
-        if chosen == rejected:
-            return DROP_IDENTICAL
-        prompt = _implicit_prompt(chosen, rejected)
+        # The longest common prefix, cut back to its last whitespace so that no word is split; the whitespace
+        # starts the completions (as in TRL), since tokenizers attach a space to the word after it.
+        common = os.path.commonprefix([chosen, rejected])
+        prompt = common[: max((i for i, char in enumerate(common) if char.isspace()), default=0)]
         if not prompt:
-            reason = "share no prefix ending at whitespace, so there is no implicit prompt"
-            raise where.error(chosen_key, f"{chosen_key!r} and {fields.rejected!r} {reason} (add a 'prompt')")
+            reason = "share no prefix ending at whitespace, so there is no implicit prompt (add a 'prompt')"
+            raise where.error(chosen_key, f"{chosen_key!r} and {fields.rejected!r} {reason}")
     prompt = _expect(prompt, str, "a string", fields.prompt, where)
     chosen = _completion(chosen, prompt, chosen_key, where)
     rejected = _completion(rejected, prompt, fields.rejected, where)
@@ -161,11 +144,10 @@ def _conversation(prompt: Any, sides: list, where: Where, fields: Fields) -> _Ro
         return DROP_IDENTICAL
     if prompt is None:  # the prompt is the shared leading messages; each side keeps at least one message
         pairs = list(zip(first[:-1], second[:-1]))
-        shared = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))
-        if shared == 0:
+        prompt = first[: next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))]
+        if not prompt:
             reason = "share no leading prompt messages (add a 'prompt')"
             raise where.error(chosen_key, f"{chosen_key!r} and {fields.rejected!r} {reason}")
-        prompt = first[:shared]
     else:
         as_text = isinstance(prompt, str)
         prompt = [{"role": "user", "content": prompt}] if as_text else _messages(prompt, fields.prompt, where)
@@ -178,10 +160,9 @@ def _conversation(prompt: Any, sides: list, where: Where, fields: Fields) -> _Ro
             raise where.error(key, "empty completion text")
     if completions[0] == completions[1]:
         return DROP_IDENTICAL
-    messages = {"prompt": prompt, "chosen": completions[0], "rejected": completions[1]}
+    messages = json.dumps({"prompt": prompt, "chosen": completions[0], "rejected": completions[1]})
     # prompt/completions hold readable text for inspection; tokenisation renders messages_json.
-    preview = ["\n".join(m["content"] for m in msgs) for msgs in completions]
-    return prompt[-1]["content"], preview, json.dumps(messages, ensure_ascii=False), None
+    return prompt[-1]["content"], ["\n".join(m["content"] for m in c) for c in completions], messages, None
 
 
 def _ranked(value: dict, where: Where, fields: Fields) -> _Row | str:
@@ -192,9 +173,8 @@ def _ranked(value: dict, where: Where, fields: Fields) -> _Row | str:
     if len(responses) < 2:
         raise where.error(fields.responses, f"a ranked row needs at least 2 responses, got {len(responses)}")
     keys = [f"{fields.responses}[{i}]" for i in range(len(responses))]
-    texts = [
-        _completion(_expect(r, str, "a string", k, where), prompt, k, where) for r, k in zip(responses, keys)
-    ]
+    texts = [_expect(r, str, "a string", k, where) for k, r in zip(keys, responses)]
+    texts = [_completion(text, prompt, k, where) for k, text in zip(keys, texts)]
     scores = value.get(fields.scores)
     if scores is not None:
         _expect(scores, list, "a list of numbers", fields.scores, where)
@@ -217,49 +197,36 @@ def _normalise_batch(batch: dict, indices: list[int], name: str, kind: str, fiel
     """The map: raw records (hand-read JSON lines, or a dataset's own columns) -> _MAP_FEATURES rows."""
     if kind == "line":
         lines = batch["source_line"]
-        records = (_parse_line(raw, Where(name, kind, n)) for raw, n in zip(batch["json"], lines))
+        records = (parse_json(raw, name, n) for raw, n in zip(batch["json"], lines))
     else:  # rows are numbered from 1 as the dataset presents them
         lines, records = [i + 1 for i in indices], (dict(zip(batch, row)) for row in zip(*batch.values()))
     rows = [_normalise(record, Where(name, kind, line), fields) for record, line in zip(records, lines)]
     rows = [("", [], "", None, row) if isinstance(row, str) else (*row, "") for row in rows]
-    out = {key: [row[i] for row in rows] for i, key in enumerate(("prompt", "completions", "messages_json"))}
-    out.update(_scores=[row[3] for row in rows], _drop=[row[4] for row in rows], source_line=lines)
-    return {**out, "source_name": [name] * len(rows), "source_kind": [kind] * len(rows)}
+    keys = ("prompt", "completions", "messages_json", "_scores", "_drop")
+    out = {key: [row[i] for row in rows] for i, key in enumerate(keys)}
+    return {**out, "source_line": lines, "source_name": [name] * len(rows), "source_kind": [kind] * len(rows)}
 
 
-def _normalise_part(part: RawPart, fields: Fields, cache_dir: str | None) -> datasets.Dataset:
-    if not len(part.dataset):  # map would return a dataset without columns
+def _normalise_part(part: RawPart, fields: Fields) -> datasets.Dataset:
+    dataset, kwargs = part.dataset, {"name": part.name, "kind": part.kind, "fields": fields}
+    if not len(dataset):  # map would return a dataset without columns
         return datasets.Dataset.from_dict({key: [] for key in _MAP_FEATURES}, _MAP_FEATURES)
-    key = cache_key("normalise", FORMAT_VERSION, part.dataset._fingerprint, part.name, part.kind, fields)
-    return part.dataset.map(
-        _normalise_batch,
-        batched=True,
-        with_indices=True,
-        remove_columns=part.dataset.column_names,
-        features=_MAP_FEATURES,
-        fn_kwargs={"name": part.name, "kind": part.kind, "fields": fields},
-        new_fingerprint=key,
-        cache_file_name=cache_dir and os.path.join(cache_dir, f"hf_dpo-normalised-{key}.arrow"),
-        desc=f"Normalising {os.path.basename(part.name)}",
-    )
+    key = cache_key("normalise", FORMAT_VERSION, dataset._fingerprint, kwargs)
+    options = {**_MAP, "remove_columns": dataset.column_names, "new_fingerprint": key}
+    return dataset.map(_normalise_batch, fn_kwargs=kwargs, **options)
 
 
 def drop_marked(dataset: datasets.Dataset, num_proc: int | None = None) -> tuple[datasets.Dataset, dict]:
-    """Filter out the rows a map marked in `_drop` (a reason, "" to keep): returns the rest and the counts
-    by reason, after naming the first few dropped rows in the log."""
+    """The rows a map did not mark in `_drop` (a reason), and the counts by reason; logs the first few."""
     drops = dataset.with_format("arrow")["_drop"]
     counts = {v["values"]: v["counts"] for v in pc.value_counts(drops).to_pylist() if v["values"]}
     for i, at in enumerate(pc.indices_nonzero(pc.not_equal(drops, ""))[:_MAX_DROP_WARNINGS].to_pylist()):
-        row, more = dataset[at], " (further drops only counted)" if i == _MAX_DROP_WARNINGS - 1 else ""
-        where = Where(
-            row.get("source_name", "<dataset>"), row.get("source_kind", "source_line"), row["source_line"]
-        )
-        logger.warning("%s: dropping the row: %s%s", where, row["_drop"], more)
+        more = " (further drops only counted)" if i == _MAX_DROP_WARNINGS - 1 else ""
+        logger.warning("%s: dropping the row: %s%s", Where.of(dataset[at]), dataset[at]["_drop"], more)
     if counts:
-        keep, kept = (lambda drops: [not d for d in drops]), cache_key(dataset._fingerprint, "kept")
-        dataset = dataset.filter(
-            keep, input_columns="_drop", batched=True, num_proc=num_proc, new_fingerprint=kept
-        )
+        kwargs = {"input_columns": "_drop", "batched": True, "num_proc": num_proc}
+        kept = cache_key(dataset._fingerprint, "kept")
+        dataset = dataset.filter(lambda drops: [not d for d in drops], new_fingerprint=kept, **kwargs)
     return dataset.remove_columns("_drop"), counts
 
 
@@ -291,14 +258,12 @@ def load_preference_data(
     cache_dir: str | os.PathLike | None = None,
     return_stats: bool = False,
 ) -> datasets.DatasetDict | tuple[datasets.DatasetDict, dict[str, SplitStats]]:
-    """Read preference data from a file, folder, saved dataset, `datasets` id or in-memory dataset.
-
-    Returns a DatasetDict with "train" and, with `test_split` (a split of the source) or `test_size` (a
-    fraction in (0, 1) or a row count, held out of the kept "train" rows by `Dataset.train_test_split` with
-    `seed`), "test". Columns: prompt, completions (best first), source_line, messages_json, source_name,
-    source_kind. `ranked_mode="pairs"` expands ranked rows into all (better, worse) pairs after the split,
-    so the pairs of one prompt stay together. With `return_stats`, also returns {split: SplitStats}. Every
-    step is cached by `datasets` (under `cache_dir` if given, else next to the source's cache files).
+    """Read preference data from a file, folder, saved dataset, `datasets` id or in-memory dataset into
+    "train" and, with `test_split` (a split of the source) or `test_size` (a fraction in (0, 1) or a row
+    count, held out of the kept rows by `Dataset.train_test_split` with `seed`), "test". Columns: prompt,
+    completions (best first), source_line, messages_json, source_name, source_kind. `ranked_mode="pairs"`
+    expands ranked rows into (better, worse) pairs after the split, so a prompt's pairs stay together.
+    Cached by `datasets` (files read under `cache_dir` if given). `return_stats`: also {split: SplitStats}.
     """
     label = str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
     if ranked_mode not in RANKED_MODES:
@@ -317,39 +282,33 @@ def load_preference_data(
     cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     splits, stats, names = {}, {}, {}
     for name, parts in read_source(source, split, test_split, dataset_config, cache_dir).items():
-        normalised = [_normalise_part(part, fields, cache_dir) for part in parts]
+        normalised = [_normalise_part(part, fields) for part in parts]
         joined = normalised[0] if len(normalised) == 1 else datasets.concatenate_datasets(normalised)
         splits[name], dropped = drop_marked(joined)
         stats[name] = SplitStats(name, read=len(joined), kept=len(splits[name]), dropped=dropped)
         names[name] = parts[0].name if len(parts) == 1 else label
     if test_size is not None:
-        train, read, dropped = splits["train"], stats["train"].read, stats["train"].dropped
-        kept = len(train)
-        n_test = math.ceil(test_size * kept - 1e-9) if fraction else test_size
-        if not 0 < n_test < kept:
-            reason = f"test_size={test_size!r} leaves no rows in train or test ({kept} rows to split)"
+        train, st = splits["train"], stats["train"]
+        n_test = math.ceil(test_size * st.kept - 1e-9) if fraction else test_size
+        if not 0 < n_test < st.kept:
+            reason = f"test_size={test_size!r} leaves no rows in train or test ({st.kept} rows to split)"
             raise PreferenceDataError(reason, names["train"], field="test_size")
         splits = train.train_test_split(test_size=n_test, seed=seed)
-        stats = {"train": SplitStats("train", read - n_test, kept - n_test, dropped=dropped)}
+        stats["train"] = SplitStats("train", st.read - n_test, st.kept - n_test, dropped=st.dropped)
         stats["test"], names["test"] = SplitStats("test", n_test, n_test), names["train"]
-    result = {}
     for name, dataset in splits.items():
         if ranked_mode == "pairs":
-            fingerprint = cache_key(dataset._fingerprint, "pairs")
-            dataset = dataset.map(_expand_pairs, batched=True, new_fingerprint=fingerprint, desc="Pairs")
+            key = cache_key(dataset._fingerprint, "pairs")
+            dataset = dataset.map(_expand_pairs, batched=True, new_fingerprint=key, desc="Expanding pairs")
         st = stats[name]
-        st.rows = len(dataset)
-        if not st.rows:  # an empty split is always a mistake: say so here, not as a crash in the trainer
-            why = (
-                f"all {st.read} rows were dropped ({st.dropped})" if st.read else "the source has no records"
-            )
+        if not len(dataset):  # an empty split is always a mistake: say so here, not as a crash in the trainer
+            why = f"all {st.read} rows were dropped ({st.dropped})" if st.read else "the source has no rows"
             if set(st.dropped) == {DROP_IDENTICAL}:
                 why += ": in every pair, chosen is identical to rejected, so there is no preference to learn"
             raise PreferenceDataError(f"split {name!r} has no preference rows: {why}", names[name])
-        result[name] = dataset.remove_columns("_scores")
+        splits[name], st.rows = dataset.remove_columns("_scores"), len(dataset)
         logger.info(st.summary())
-    result = datasets.DatasetDict(result)
-    return (result, stats) if return_stats else result
+    return (datasets.DatasetDict(splits), stats) if return_stats else datasets.DatasetDict(splits)
 
 
 def check_pairs_for_loss(dataset: datasets.Dataset, loss_type: str | list[str], source=None, line_kind=None):
@@ -359,19 +318,14 @@ def check_pairs_for_loss(dataset: datasets.Dataset, loss_type: str | list[str], 
     source and line or row; `source` and `line_kind` only name rows built without source columns."""
     from ..losses import accepts_ranked
 
-    column = "completions" if "completions" in dataset.column_names else "completion_input_ids"
-    if accepts_ranked(loss_type) or column not in dataset.column_names:
+    col = "completions" if "completions" in dataset.column_names else "completion_input_ids"
+    if accepts_ranked(loss_type) or col not in dataset.column_names:
         return
-    lists = dataset.select_columns([column]).with_format("arrow")
-    for start in range(0, len(dataset), 10_000):  # in slices: a filtered dataset's column is copied to read
-        counts = pc.list_value_length(lists[start : start + 10_000][column])
+    lists = dataset.select_columns([col]).with_format("arrow")
+    for start in range(0, len(dataset), 10_000):  # in slices: memory stays bounded on a filtered dataset
+        counts = pc.list_value_length(lists[start : start + 10_000][col])
         if pc.max(counts).as_py() > 2:
             row = dataset[start + pc.index(pc.greater(counts, 2), True).as_py()]
-            raise PreferenceDataError(
-                f"a ranked row with {len(row[column])} responses, but loss_type={loss_type!r} takes pairs: "
-                "pass --loss_type plackett_luce, or --ranked_mode pairs to expand ranked rows into pairs",
-                row.get("source_name", source or "<dataset>"),
-                row.get("source_line"),
-                "responses",
-                row.get("source_kind", line_kind or "row"),
-            )
+            reason = f"a ranked row with {len(row[col])} responses, but loss_type={loss_type!r} takes pairs"
+            where = Where.of(row, source or "<dataset>", line_kind or "row")
+            raise where.error("responses", f"{reason}: {_RANKED_FIX}")

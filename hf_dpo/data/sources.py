@@ -1,10 +1,8 @@
-"""Reading preference data into raw `datasets.Dataset` parts, one per file or source split.
-
-JSON Lines (`.jsonl`, or a `.json` file holding JSON Lines) is read by hand so that messages name the exact
-line (1-based, blank lines counted); its lines stream into a cached Dataset, never into Python lists.
-Everything else (JSON arrays, Parquet, CSV, saved datasets, folders of data files, `datasets` ids, in-memory
-datasets) goes through `datasets.load_dataset` / `load_from_disk`; its rows are named "row N" (1-based).
-"""
+"""Reading preference data into raw `datasets.Dataset` parts, one per file or source split. JSON Lines
+(`.jsonl`, or a `.json` file holding JSON Lines) is read by hand, so that messages name the exact line
+(1-based, blank lines counted), and streamed into a cached Dataset. Everything else (JSON arrays, Parquet,
+CSV, saved datasets, folders of files, `datasets` ids, in-memory datasets) goes through
+`datasets.load_dataset` / `load_from_disk`, and its rows are named "row N" (1-based)."""
 
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections import namedtuple
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +42,8 @@ class PreferenceDataError(ValueError):
         return (type(self), (self.reason, self.path, self.line, self.field, self.line_kind))
 
 
-@dataclass(frozen=True)
-class RawPart:
-    dataset: datasets.Dataset  # kind "line": LINE_FEATURES; kind "row": the records' own columns
-    name: str
-    kind: str
+# One file or source split: its Dataset (kind "line": LINE_FEATURES; "row": the records' own columns), name.
+RawPart = namedtuple("RawPart", "dataset name kind")
 
 
 def cache_key(*parts: Any) -> str:
@@ -77,17 +72,6 @@ def _innermost(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _json_lines(path: Path, cache_dir: str | None) -> RawPart:
-    kwargs = {"path": str(path.resolve()), "stamp": f"{path.stat().st_size}:{path.stat().st_mtime_ns}"}
-    try:
-        dataset = datasets.Dataset.from_generator(_lines, LINE_FEATURES, cache_dir, gen_kwargs=kwargs)
-    except Exception as e:  # datasets wraps a failing generator (unreadable file, disk full) in its own error
-        if any(True for _ in _lines(str(path), "")):
-            raise PreferenceDataError(f"cannot read the file: {_innermost(e)}", path) from e
-        dataset = datasets.Dataset.from_dict({"json": [], "source_line": []}, LINE_FEATURES)  # no records
-    return RawPart(dataset, str(path), "line")
-
-
 def _json_document_field(path: Path) -> str | None:
     """For a .json file: None if it holds JSON Lines, else the key holding its records ("" for an array)."""
     with path.open("rb") as handle:
@@ -104,32 +88,40 @@ def _json_document_field(path: Path) -> str | None:
     return json.loads(key[1])
 
 
-def _locate_json_error(path: Path) -> PreferenceDataError | None:
-    """After `datasets` failed on a JSON document: the line of its first syntax or encoding error."""
-    data = path.read_bytes()
+def parse_json(data: bytes, name: str, line: int | None = None) -> Any:
+    """JSON from bytes: a line of a JSON Lines file (`line`), or a whole document whose errors name the line
+    they are on. Errors raise PreferenceDataError."""
     try:
-        json.loads(data.decode("utf-8").removeprefix("\ufeff"))
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        return PreferenceDataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", path, line)
+        at, reason = data.count(b"\n", 0, e.start) + 1, f"not valid UTF-8 ({e.reason} at byte {e.start}"
+        reason += " of the line)" if line else ")"
     except json.JSONDecodeError as e:
-        return PreferenceDataError(f"invalid JSON at column {e.colno}: {e.msg}", path, e.lineno)
-    except (ValueError, RecursionError) as e:
-        return PreferenceDataError(f"invalid JSON: {type(e).__name__}: {e}", path)
-    return None
+        at, reason = e.lineno, f"invalid JSON at column {e.colno}: {e.msg}"
+    except (ValueError, RecursionError) as e:  # e.g. integers over the digit limit, nesting too deep
+        at, reason = None, f"invalid JSON: {type(e).__name__}: {e}"
+    raise PreferenceDataError(reason, name, line or at) from None
 
 
 def _file(path: Path, cache_dir: str | None) -> RawPart:
     suffix = path.suffix.lower()
     field = _json_document_field(path) if suffix == ".json" else None
-    if suffix == ".jsonl" or (suffix == ".json" and field is None):
-        return _json_lines(path, cache_dir)
+    if suffix == ".jsonl" or (suffix == ".json" and field is None):  # JSON Lines, read by hand
+        kwargs = {"path": str(path.resolve()), "stamp": f"{path.stat().st_size}:{path.stat().st_mtime_ns}"}
+        try:  # datasets wraps a failing generator (unreadable file, disk full) in its own error
+            dataset = datasets.Dataset.from_generator(_lines, LINE_FEATURES, cache_dir, gen_kwargs=kwargs)
+        except Exception as e:
+            if any(True for _ in _lines(str(path), "")):
+                raise PreferenceDataError(f"cannot read the file: {_innermost(e)}", path) from e
+            dataset = datasets.Dataset.from_dict({"json": [], "source_line": []}, LINE_FEATURES)  # no lines
+        return RawPart(dataset, str(path), "line")
     builder, kwargs = FILE_BUILDERS[suffix], {"field": field} if field else {}
     try:
         dataset = datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir, **kwargs)["train"]
     except Exception as e:  # pyarrow, pandas and datasets raise many types: all are reported as one
-        located = _locate_json_error(path) if builder == "json" else None
-        raise located or PreferenceDataError(f"cannot read as {builder}: {_innermost(e)}", path) from e
+        if builder == "json":  # name the line of a syntax error
+            parse_json(path.read_bytes().removeprefix(codecs.BOM_UTF8), str(path))
+        raise PreferenceDataError(f"cannot read as {builder}: {_innermost(e)}", path) from e
     return RawPart(dataset, str(path), "row")
 
 
@@ -141,8 +133,8 @@ def _folder(path: Path, cache_dir: str | None) -> dict:
         files = DataFilesDict.from_patterns(get_data_patterns(str(path)), str(path))
     except Exception as e:  # datasets raises its own EmptyDatasetError and friends
         raise PreferenceDataError(f"no data files found: {_innermost(e)}", path) from e
-    ours = lambda names: sorted(Path(f) for f in names if Path(f).suffix.lower() in FILE_BUILDERS)  # noqa: E731
-    splits = {str(n): ours(names) for n, names in files.items()}
+    ours = {str(n): [Path(f) for f in sorted(names)] for n, names in files.items()}
+    splits = {n: [p for p in paths if p.suffix.lower() in FILE_BUILDERS] for n, paths in ours.items()}
     if not any(splits.values()):
         raise PreferenceDataError(f"no {'/'.join(FILE_BUILDERS)} files in the folder", path)
     return {n: (lambda paths=ps: [_file(p, cache_dir) for p in paths]) for n, ps in splits.items() if ps}
