@@ -149,7 +149,12 @@ def tokenize_preference_dataset(
     identity = [type(tokenizer).__qualname__, core, getattr(tokenizer, "chat_template", None), specials]
     key = cache_key("tokenize", TOKENIZE_VERSION, dataset._fingerprint, identity, settings)
     status = {"_truncated": datasets.Value("bool"), "_drop": datasets.Value("string")}
-    options = {"batched": True, "num_proc": num_proc, "features": datasets.Features({**features, **status})}
+    options = {
+        "batched": True,
+        "batch_size": 256,
+        "num_proc": num_proc,
+        "features": datasets.Features({**features, **status}),
+    }
     dropped = [c for c in dataset.column_names if c not in carried]
     kwargs = {"fn_kwargs": {"tokenizer": tokenizer, **settings}, "desc": f"Tokenizing {split_name}"}
     mapped = dataset.map(_tokenize_batch, remove_columns=dropped, new_fingerprint=key, **options, **kwargs)
