@@ -93,10 +93,8 @@ def _messages(value: Any, field: str, where: Where) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-_Row = tuple[str, list[str], str, list[float] | None]  # prompt, completions best first, messages_json, scores
-
-
-def _normalise(value: Any, where: Where, fields: Fields) -> _Row | str:
+def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
+    """(prompt, completions best first, messages_json, scores), or why the record is dropped."""
     _expect(value, dict, "an object with fields", None, where)
     if value.get(fields.responses) is not None:
         return _ranked(value, where, fields)
@@ -118,8 +116,8 @@ def _normalise(value: Any, where: Where, fields: Fields) -> _Row | str:
     if prompt is None and chosen == rejected:
         return DROP_IDENTICAL
     if prompt is None:  # the seed's format: the prompt is the shared start of both texts
-        # The longest common prefix, cut back to its last whitespace so that no word is split; the whitespace
-        # starts the completions (as in TRL), since tokenizers attach a space to the word after it.
+        # The common prefix cut back to its last whitespace, which starts the completions (as in TRL):
+        # tokenizers attach a space to the word after it, and no word is split.
         common = os.path.commonprefix([chosen, rejected])
         prompt = common[: max((i for i, char in enumerate(common) if char.isspace()), default=0)]
         if not prompt:
@@ -131,7 +129,7 @@ def _normalise(value: Any, where: Where, fields: Fields) -> _Row | str:
     return DROP_IDENTICAL if chosen == rejected else (prompt, [chosen, rejected], "", None)
 
 
-def _conversation(prompt: Any, sides: list, where: Where, fields: Fields) -> _Row | str:
+def _conversation(prompt: Any, sides: list, where: Where, fields: Fields) -> tuple | str:
     sides = [(key, _messages(value, key, where)) for key, value in sides]
     for key, msgs in sides:
         if not msgs:
@@ -165,7 +163,7 @@ def _conversation(prompt: Any, sides: list, where: Where, fields: Fields) -> _Ro
     return prompt[-1]["content"], ["\n".join(m["content"] for m in c) for c in completions], messages, None
 
 
-def _ranked(value: dict, where: Where, fields: Fields) -> _Row | str:
+def _ranked(value: dict, where: Where, fields: Fields) -> tuple | str:
     if value.get(fields.prompt) is None:
         raise where.error(fields.prompt, f"a ranked row (with {fields.responses!r}) needs a prompt")
     prompt = _expect(value[fields.prompt], str, "a string", fields.prompt, where)
@@ -195,15 +193,14 @@ def _ranked(value: dict, where: Where, fields: Fields) -> _Row | str:
 
 def _normalise_batch(batch: dict, indices: list[int], name: str, kind: str, fields: Fields) -> dict:
     """The map: raw records (hand-read JSON lines, or a dataset's own columns) -> _MAP_FEATURES rows."""
-    if kind == "line":
-        lines = batch["source_line"]
-        records = (parse_json(raw, name, n) for raw, n in zip(batch["json"], lines))
+    if kind == "line":  # rows of many lines (see LINE_FEATURES)
+        lines, raws = [n for ns in batch["source_line"] for n in ns], [r for rs in batch["json"] for r in rs]
+        records = (parse_json(raw, name, n) for raw, n in zip(raws, lines))
     else:  # rows are numbered from 1 as the dataset presents them
         lines, records = [i + 1 for i in indices], (dict(zip(batch, row)) for row in zip(*batch.values()))
     rows = [_normalise(record, Where(name, kind, line), fields) for record, line in zip(records, lines)]
     rows = [("", [], "", None, row) if isinstance(row, str) else (*row, "") for row in rows]
-    keys = ("prompt", "completions", "messages_json", "_scores", "_drop")
-    out = {key: [row[i] for row in rows] for i, key in enumerate(keys)}
+    out = dict(zip(("prompt", "completions", "messages_json", "_scores", "_drop"), map(list, zip(*rows))))
     return {**out, "source_line": lines, "source_name": [name] * len(rows), "source_kind": [kind] * len(rows)}
 
 
@@ -213,6 +210,7 @@ def _normalise_part(part: RawPart, fields: Fields) -> datasets.Dataset:
         return datasets.Dataset.from_dict({key: [] for key in _MAP_FEATURES}, _MAP_FEATURES)
     key = cache_key("normalise", FORMAT_VERSION, dataset._fingerprint, kwargs)
     options = {**_MAP, "remove_columns": dataset.column_names, "new_fingerprint": key}
+    options["batch_size"] = 1 if part.kind == "line" else 1000  # a row of "line" parts holds 1000 lines
     return dataset.map(_normalise_batch, fn_kwargs=kwargs, **options)
 
 
@@ -279,7 +277,6 @@ def load_preference_data(
         reason = f"test_size must be a fraction in (0, 1) or a row count >= 1, got {test_size!r}"
         raise PreferenceDataError(reason, label, field="test_size")
     fields = Fields(prompt_field, chosen_field, rejected_field, responses_field, scores_field)
-    cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     splits, stats, names = {}, {}, {}
     for name, parts in read_source(source, split, test_split, dataset_config, cache_dir).items():
         normalised = [_normalise_part(part, fields) for part in parts]
@@ -312,10 +309,8 @@ def load_preference_data(
 
 
 def check_pairs_for_loss(dataset: datasets.Dataset, loss_type: str | list[str], source=None, line_kind=None):
-    """Raise PreferenceDataError naming the first row with K > 2 responses if `loss_type` needs pairs.
-
-    Works on normalised (`completions`) and tokenised (`completion_input_ids`) rows, which name their own
-    source and line or row; `source` and `line_kind` only name rows built without source columns."""
+    """Raise PreferenceDataError naming the first row with K > 2 responses if `loss_type` needs pairs. Rows
+    (normalised or tokenised) name their own source; `source`/`line_kind` name rows without source columns."""
     from ..losses import accepts_ranked
 
     col = "completions" if "completions" in dataset.column_names else "completion_input_ids"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -18,13 +19,14 @@ from typing import Any
 import datasets
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-# A hand-read JSON Lines part: the bytes of each non-blank line (parsed when normalised) and its number.
-LINE_FEATURES = datasets.Features({"json": datasets.Value("binary"), "source_line": datasets.Value("int64")})
+# A hand-read JSON Lines part: its non-blank lines as bytes (parsed when normalised) and their numbers, 1000
+# lines to a row, which makes streaming them into the `datasets` cache cheap.
+_BYTES, _LINE, _TEXT = datasets.Value("binary"), datasets.Value("int64"), datasets.Value("string")
+LINE_FEATURES = datasets.Features({"json": [_BYTES], "source_line": [_LINE]})
 # Where a normalised or tokenised row comes from: its line or row number, its file or dataset ("a.jsonl",
 # "<train dataset>", "owner/name (split)"), and "line" (JSON Lines) or "row". Plain columns rather than
 # dataset metadata: they survive map, filter, select, shuffle, save/load and concatenate_datasets (rows of
 # several files keep their own names) at a few bytes per row, and the collator ignores them.
-_LINE, _TEXT = datasets.Value("int64"), datasets.Value("string")
 SOURCE_FEATURES = datasets.Features({"source_line": _LINE, "source_name": _TEXT, "source_kind": _TEXT})
 
 
@@ -58,12 +60,12 @@ def bundled_data_path() -> Path:
 
 
 def _lines(path: str, stamp: str):
-    """The non-blank lines of a JSON Lines file (`stamp`, its size and mtime, keys the `datasets` cache)."""
+    """Rows of LINE_FEATURES from a JSON Lines file (`stamp`, its size and mtime, keys the `datasets` cache)."""
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            raw = raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw
-            if raw.strip():
-                yield {"json": raw, "source_line": number}
+        lines = ((n, raw.removeprefix(codecs.BOM_UTF8) if n == 1 else raw) for n, raw in enumerate(handle, 1))
+        kept = ((n, raw) for n, raw in lines if raw.strip())
+        while chunk := list(itertools.islice(kept, 1000)):
+            yield {"json": [raw for _, raw in chunk], "source_line": [n for n, _ in chunk]}
 
 
 def _innermost(error: BaseException) -> str:
@@ -107,9 +109,10 @@ def _file(path: Path, cache_dir: str | None) -> RawPart:
     suffix = path.suffix.lower()
     field = _json_document_field(path) if suffix == ".json" else None
     if suffix == ".jsonl" or (suffix == ".json" and field is None):  # JSON Lines, read by hand
-        kwargs = {"path": str(path.resolve()), "stamp": f"{path.stat().st_size}:{path.stat().st_mtime_ns}"}
+        stamp = f"{path.stat().st_size}:{path.stat().st_mtime_ns}"
+        options = {"gen_kwargs": {"path": str(path.resolve()), "stamp": stamp}, "writer_batch_size": 1}
         try:  # datasets wraps a failing generator (unreadable file, disk full) in its own error
-            dataset = datasets.Dataset.from_generator(_lines, LINE_FEATURES, cache_dir, gen_kwargs=kwargs)
+            dataset = datasets.Dataset.from_generator(_lines, LINE_FEATURES, cache_dir, **options)
         except Exception as e:
             if any(True for _ in _lines(str(path), "")):
                 raise PreferenceDataError(f"cannot read the file: {_innermost(e)}", path) from e
