@@ -185,6 +185,23 @@ def test_folder_of_data_files_and_in_memory_datasets(tmp_path):
     assert load_preference_data(in_mem["train"])["train"]["completions"] == EXPECTED
 
 
+def test_a_split_of_several_files_of_several_types_names_each_file(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_jsonl(folder / "train-00000-of-00002.jsonl", EXPLICIT[:4])
+    datasets.Dataset.from_list(EXPLICIT[4:]).to_parquet(str(folder / "train-00001-of-00002.parquet"))
+    train = load_preference_data(folder)["train"]
+    assert train["completions"] == EXPECTED and train["source_line"] == [1, 2, 3, 4, 1, 2, 3, 4, 5, 6]
+    assert train["source_kind"] == ["line"] * 4 + ["row"] * 6
+    first, second = folder / "train-00000-of-00002.jsonl", folder / "train-00001-of-00002.parquet"
+    assert describe_rows(train, [2]) == f"{first} line 2; {second} row 2"
+    write_jsonl(first, EXPLICIT[:1] + [{"prompt": "Q", "chosen": " a", "rejected": None}])
+    with pytest.raises(
+        PreferenceDataError, match=error_pattern(first, 2, "rejected") + ": field 'rejected' is null"
+    ):
+        load_preference_data(folder)
+
+
 def test_dataset_id_goes_through_load_dataset(monkeypatch):
     calls = []
 
