@@ -58,10 +58,11 @@ class SplitStats:
 
 
 class Where(namedtuple("Where", "name kind line")):
-    """A row's place in its source: "data.jsonl, line 3" or "<train dataset>, row 4"."""
+    """A row's place in its source: "data.jsonl, line 3" or "<train dataset>, row 4". `Where.of(row)` reads
+    it from a row's source columns (`name` and `kind` stand in for rows without them)."""
 
     @classmethod
-    def of(cls, row: dict, name: str = "<dataset>", kind: str = "source_line") -> Where:  # of a row we wrote
+    def of(cls, row: dict, name: str = "<dataset>", kind: str = "source_line") -> Where:
         return cls(row.get("source_name", name), row.get("source_kind", kind), row.get("source_line"))
 
     def error(self, field: str | None, reason: str) -> PreferenceDataError:

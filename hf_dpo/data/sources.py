@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 # A hand-read JSON Lines part: its non-blank lines as bytes (parsed when normalised) and their numbers, 1000
@@ -191,9 +193,6 @@ def read_source(source: Any, split: str, test_split: str | None, dataset_config:
 def describe_rows(dataset: datasets.Dataset, source_lines) -> str:
     """Name rows by their `source_line`s, e.g. "dpo_data.jsonl lines 3, 7" or "<train dataset> row 4"
     (sources joined by "; "), in a normalised or tokenised dataset."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     lines, found = sorted({int(n) for n in source_lines}), {}
     if set(SOURCE_FEATURES) <= set(dataset.column_names):
         table = dataset.select_columns(list(SOURCE_FEATURES)).with_format("arrow")[:]

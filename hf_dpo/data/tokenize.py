@@ -43,9 +43,9 @@ def _render_conversation(messages_json: str, tokenizer, where: Where) -> tuple[s
     """Chat-template texts: (prompt, completions, add_special_tokens) for a conversational row."""
     data, texts, eos = json.loads(messages_json), [], tokenizer.eos_token
     for key in ("prompt", "chosen", "rejected"):
-        messages, first = data["prompt"] + (data[key] if key != "prompt" else []), key == "prompt"
+        messages, alone = data["prompt"] + (data[key] if key != "prompt" else []), key == "prompt"
         try:
-            texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=first))
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=alone))
         except Exception as e:  # no chat template, or a template that rejects the messages
             raise where.error(key, f"cannot render with the chat template: {type(e).__name__}: {e}") from e
     for key, full in zip(("chosen", "rejected"), texts[1:]):
@@ -71,6 +71,7 @@ def _truncate(prompt: list[int], completions: list[list[int]], max_length, max_p
 
 
 def _tokenize_batch(batch: dict, tokenizer, max_length, max_prompt_length, split_name: str) -> dict:
+    """The map: normalised rows -> ids (the contract), and `_drop` marking rows left without tokens."""
     encode, eos = _encoder(tokenizer), tokenizer.eos_token_id
     texts, rows = {True: [], False: []}, []  # by add_special_tokens: [prompt, prompt + completion, ...]
     for i, messages in enumerate(batch.get("messages_json") or [""] * len(batch["prompt"])):
