@@ -58,8 +58,7 @@ class SplitStats:
 
 
 class Where(namedtuple("Where", "name kind line")):
-    """A row's place in its source: "data.jsonl, line 3" or "<train dataset>, row 4". `Where.of(row)` reads
-    it from a row's source columns (`name` and `kind` stand in for rows without them)."""
+    """A row's place: "data.jsonl, line 3" or "<train dataset>, row 4"; `of(row)` reads a row's source columns."""
 
     @classmethod
     def of(cls, row: dict, name: str = "<dataset>", kind: str = "source_line") -> Where:

@@ -120,7 +120,8 @@ def _file(path: Path, cache_dir: str | None) -> RawPart:
                 raise PreferenceDataError(f"cannot read the file: {_innermost(e)}", path) from e
             dataset = datasets.Dataset.from_dict({"json": [], "source_line": []}, LINE_FEATURES)  # no lines
         return RawPart(dataset, str(path), "line")
-    builder, kwargs = FILE_BUILDERS[suffix], {"field": field} if field else {}
+    builder = FILE_BUILDERS[suffix]  # CSV: values beyond the header are dropped (a deep pandas index is slow)
+    kwargs = {"field": field} if field else ({"index_col": False} if builder == "csv" else {})
     try:
         dataset = datasets.load_dataset(builder, data_files=str(path), cache_dir=cache_dir, **kwargs)["train"]
     except Exception as e:  # pyarrow, pandas and datasets raise many types: all are reported as one
