@@ -192,15 +192,15 @@ class DPOConfig(TrainingArguments):
     max_length: int | None = field(
         default=1024,
         metadata={
-            "help": "Max tokens of prompt + completion; a longer row is cut: the prompt from the left, then the "
-            "completions from the right. None: no limit."
+            "help": "Max tokens of prompt + longest completion; longer rows are cut (the prompt from the left, then "
+            "the completions from the right). None: no limit."
         },
     )
     max_prompt_length: int | None = field(
         default=None,
         metadata={
-            "help": "If set (< max_length), a too-long row's prompt is first cut from the left to this many tokens. "
-            "Unset: the prompt is cut only as far as the completions need room."
+            "help": "Prompt tokens kept (its end) when a row is over max_length. Unset: the prompt is cut only as far "
+            "as the completions need, never below max_length // 2."
         },
     )
     precompute_ref_log_probs: bool = field(
@@ -309,11 +309,11 @@ def refuse_ignored_options(args: DPOConfig) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"{name} must be a positive number or unset, got {value}")
-    if (
-        args.max_length is not None
-        and args.max_prompt_length is not None
-        and args.max_prompt_length >= args.max_length
-    ):
+    if args.max_prompt_length is not None and args.max_length is None:
+        raise ValueError(
+            "max_prompt_length has no effect without max_length (nothing is cut); set max_length"
+        )
+    if args.max_prompt_length is not None and args.max_prompt_length >= args.max_length:
         raise ValueError(
             f"max_prompt_length ({args.max_prompt_length}) must be smaller than max_length ({args.max_length}), "
             "or unset it: the prompt is then cut only as far as the completions need"

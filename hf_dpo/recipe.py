@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             ranked_mode=data_args.ranked_mode,
         )
         for split in splits.values():  # ranked rows (K > 2) need plackett_luce or ranked_mode=pairs
-            check_pairs_for_loss(split, training_args.loss_type, dataset_name)
+            check_pairs_for_loss(split, training_args.loss_type)
 
         # 3. Model: quantised base + LoRA, and its tokenizer.
         loaded = load_model(

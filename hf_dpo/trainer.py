@@ -198,7 +198,7 @@ class DPOTrainer(Trainer):
         if "prompt_input_ids" not in dataset.column_names:
             if "completions" not in dataset.column_names:
                 # Raw rows in any record format: normalised as load_preference_data does, with its messages.
-                dataset = load_preference_data(dataset)["train"]
+                dataset = load_preference_data(dataset, split=split)["train"]
             dataset = tokenize_preference_dataset(
                 dataset,
                 tokenizer,
@@ -207,7 +207,7 @@ class DPOTrainer(Trainer):
                 num_proc=args.dataset_num_proc,
                 split_name=split,
             )
-        check_pairs_for_loss(dataset, args.loss_type, f"<{split} dataset>", "source_line")
+        check_pairs_for_loss(dataset, args.loss_type, f"<{split} dataset>")
         return dataset
 
     def _precompute(self, dataset):
@@ -218,7 +218,9 @@ class DPOTrainer(Trainer):
         return precompute_reference_logps(self, dataset)
 
     def _describe_rows(self, lines: list[int]) -> str:
-        return f"data rows (line numbers) {lines or 'unknown'}"
+        from .data import describe_rows
+
+        return describe_rows(self.train_dataset, lines) if lines else "data rows unknown"
 
     # ---------------------------------------------------------------- forward passes
     def sequence_logps(

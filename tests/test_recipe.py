@@ -474,7 +474,12 @@ def test_accelerate_launch_with_yaml_and_overrides(pairs, tmp_path):
         },
     )
     accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--config_file", str(DEFAULT_ACCELERATE)]  # the README's quick start
+    command = [
+        str(accelerate),
+        "launch",
+        "--config_file",
+        str(DEFAULT_ACCELERATE),
+    ]  # the README's quick start
     result = subprocess.run(
         [*command, str(RECIPE), str(config), "--max_steps", "2", "--beta", "0.3"],
         capture_output=True,

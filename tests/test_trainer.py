@@ -529,7 +529,7 @@ def test_a_pairwise_loss_refuses_ranked_rows_up_front(tiny_model_path, tmp_path)
         ]
     )
     with pytest.raises(
-        PreferenceDataError, match=r"<train dataset>, source_line 1, field 'responses': .* 3 responses"
+        PreferenceDataError, match=r"<train dataset>, row 2, field 'responses': .* 3 responses"
     ):
         _trainer(tiny_model_path, tmp_path / "sigmoid", dataset=rows)
     trainer = _trainer(tiny_model_path, tmp_path / "pl", dataset=rows, loss_type="plackett_luce")
