@@ -272,7 +272,7 @@ def test_describe_rows_names_files_and_kinds_through_every_transform(tmp_path, t
     in_memory = load_preference_data(datasets.Dataset.from_list(EXPLICIT))["train"]
     assert describe_rows(in_memory, [4, 9]) == "<train dataset> rows 4, 9"
     by_hand = datasets.Dataset.from_dict({"source_line": [1, 2]})
-    assert describe_rows(by_hand, [2]) == "<dataset> source_line 2"
+    assert describe_rows(by_hand, [2]) == "<dataset> row 2"
 
 
 def test_bundled_file_loads_with_at_least_200_rows(tiny_tokenizer):

@@ -341,7 +341,7 @@ def test_learning_rate_inf_exits_3_naming_step_and_rows_and_saves_nothing_non_fi
     result = run([sys.executable, RECIPE, *flags], isolated_env(tmp_path))
     assert result.returncode == 3, result.stderr[-3000:]
     match = re.search(
-        r"error: non-finite weights after the update of step 1, data rows \(line numbers\) \[([\d, ]+)\]",
+        r"error: non-finite weights after the update of step 1, \S*prefs\.jsonl lines ([\d, ]+) \(learning rate inf\)",
         result.stderr,
     )
     assert match, result.stderr[-3000:]
@@ -361,7 +361,8 @@ def test_non_finite_loss_stops_with_exit_3_and_keeps_every_earlier_checkpoint(ti
     assert result.returncode == 3, result.stderr[-3000:]
     poisoned = [e["rows"] for e in read_journal(journal) if e["event"] == "batch" and e["step"] == 3]
     assert len(poisoned) == 1
-    expected = f"error: non-finite loss at step 3, data rows (line numbers) {poisoned[0]}. The run stopped"
+    lines = ", ".join(map(str, sorted(poisoned[0])))
+    expected = f"error: non-finite loss at step 3, {data} lines {lines}. The run stopped"
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert checkpoints(out) == [1, 2]  # nothing saved at or after the bad step
     for step in (1, 2):

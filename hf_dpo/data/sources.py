@@ -200,6 +200,6 @@ def describe_rows(dataset: datasets.Dataset, source_lines) -> str:
         table = dataset.select_columns(list(SOURCE_FEATURES)).with_format("arrow")[:]
         for row in table.filter(pc.is_in(table["source_line"], pa.array(lines, pa.int64()))).to_pylist():
             found.setdefault((row["source_name"], row["source_kind"]), set()).add(row["source_line"])
-    found = found or {("<dataset>", "source_line"): lines}  # rows built without source columns
+    found = found or {("<dataset>", "row"): lines}  # rows built without source columns: their source_line
     numbers = {where: ", ".join(map(str, sorted(ns))) for where, ns in found.items()}
     return "; ".join(f"{name} {kind}{'s' * (',' in ns)} {ns}" for (name, kind), ns in numbers.items())
