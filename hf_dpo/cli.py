@@ -1,4 +1,11 @@
-"""The `hf-dpo` command: train (the recipe), eval, push, merge."""
+"""The `hf-dpo` command (train, eval, push, merge) and the one table of exit codes of every entry point.
+
+`hf-dpo eval --adapter DIR [--flags]` gives the DPO metrics of an adapter against its base model (the adapter
+is loaded frozen, so the reference is the base): printed as JSON on stdout and written to OUT/eval_results.json
+(OUT: --output_dir, default DIR). The DPO settings default to those the adapter was trained with (its
+hf_dpo_run.json); flags override them. Rows: --dataset_test_split, else the rows the recipe held out with the
+same --dataset_test_size and seed, else every row of the train split (the bundled data by default).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,31 @@ import argparse
 import contextlib
 import json
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from . import __version__
+
+# An error of a module that was never imported cannot have been raised, so the table imports nothing (a push
+# starts without torch).
+EXIT_CODES = (
+    ("hf_dpo.data.sources", "PreferenceDataError", 2, "bad preference data: "),
+    ("hf_dpo.cli", "UsageError", 2, ""),
+    ("hf_dpo.hub", "PushRefusedError", 2, ""),  # nothing was sent: a bad repo id, a token in a file, ...
+    ("hf_dpo.callbacks", "NonFiniteLossError", 3, ""),
+    ("hf_dpo.hub", "HubPushError", 4, ""),  # the files are kept; the message ends with the retry command
+    ("hf_dpo.callbacks", "SaveError", 5, ""),
+)
+EVAL_USAGE = (
+    "usage: hf-dpo eval --adapter DIR [--dataset_name D] [--dataset_test_split S | --dataset_test_size N] "
+    "[--output_dir O] [other ModelArguments/DataArguments/DPOConfig flags]"
+)
+# The settings an adapter was trained with, reused by `hf-dpo eval` unless given: the loss of an IPO adapter,
+# or one trained with beta 0.01, means something else under the defaults.
+RUN_SETTINGS = ("loss_type", "loss_weights", "f_divergence_type", "f_alpha_divergence_coef", "ld_alpha")
+RUN_SETTINGS += ("use_weighting", "discopop_tau", "simpo_gamma", "beta", "label_smoothing", "reference_free")
+RUN_SETTINGS += ("logp_reduction", "max_length", "max_prompt_length")
 
 
 class UsageError(Exception):
@@ -27,24 +55,6 @@ def usage_errors() -> Iterator[None]:
         raise
     except (ValueError, OSError) as err:
         raise UsageError(str(err)) from err
-
-
-# The one table of exit codes, for every entry point (hf-dpo train/eval/push, recipes/qlora_dpo.py): an
-# error of a module that was never imported cannot have been raised, so the table imports nothing (a push
-# starts without torch).
-EXIT_CODES = (
-    ("hf_dpo.data", "PreferenceDataError", 2, "bad preference data: "),
-    ("hf_dpo.cli", "UsageError", 2, ""),
-    ("hf_dpo.hub", "PushRefusedError", 2, ""),  # nothing was sent: a bad repo id, a token in a file, ...
-    ("hf_dpo.callbacks", "NonFiniteLossError", 3, ""),
-    (
-        "hf_dpo.hub",
-        "HubPushError",
-        4,
-        "",
-    ),  # training finished; the message ends with the command that retries
-    ("hf_dpo.callbacks", "SaveError", 5, ""),
-)
 
 
 def exit_code(err: BaseException) -> tuple[int, str] | None:
@@ -68,24 +78,20 @@ def run_guarded(main, argv) -> int:
         return known[0]
 
 
-def cmd_train(rest: list[str]) -> int:
-    from .recipe import cli
-
-    return cli(rest)
+def _adapter(path) -> Path:
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise UsageError(f"{path} holds no adapter_config.json: not a LoRA adapter")
+    return Path(path)
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    """Publish a finished run: exit 0, 2 when there is nothing valid to push, 4 when the Hub fails."""
     from .hub import push_run  # no torch: a push starts in a second
 
-    def push(_):
-        url = push_run(
-            args.output_dir, args.repo_id, token=args.token, private=args.private, revision=args.revision
-        )
-        print(f"pushed {args.output_dir} to {url}")
-        return 0
-
-    return run_guarded(push, None)
+    url = push_run(
+        args.output_dir, args.repo_id, token=args.token, private=args.private, revision=args.revision
+    )
+    print(f"pushed {args.output_dir} to {url}")
+    return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -97,38 +103,88 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .modeling import load_tokenizer
     from .tiny import resolve_model_path
 
-    adapter_dir = Path(args.adapter)
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        print(f"error: {adapter_dir} holds no adapter_config.json: not a LoRA adapter", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    if out.resolve() == adapter_dir.resolve():
-        print("error: --out must be a new folder, not the adapter's own", file=sys.stderr)
-        return 2
-    config = json.loads(config_file.read_text())
-    base_name = args.base or config.get("base_model_name_or_path")
+    adapter, out = _adapter(args.adapter), Path(args.out)
+    if out.resolve() == adapter.resolve():
+        raise UsageError("--out must be a new folder, not the adapter's own")
+    base_name = args.base or json.loads((adapter / "adapter_config.json").read_text()).get(
+        "base_model_name_or_path"
+    )
     if not base_name:
-        print("error: the adapter does not name its base model; pass --base", file=sys.stderr)
-        return 2
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+        raise UsageError("the adapter does not name its base model; pass --base")
     try:
-        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_name), dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(base_name), dtype=getattr(torch, args.dtype)
+        )
     except OSError as err:
-        print(f"error: cannot load the base model {base_name!r}: {err}; pass --base", file=sys.stderr)
-        return 2
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    merged.save_pretrained(out)
-    has_tokenizer = (adapter_dir / "tokenizer_config.json").exists()
-    load_tokenizer(str(adapter_dir) if has_tokenizer else base_name).save_pretrained(out)
+        raise UsageError(f"cannot load the base model {base_name!r}: {err}; pass --base") from err
+    PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(out)
+    has_tokenizer = (adapter / "tokenizer_config.json").exists()
+    load_tokenizer(str(adapter) if has_tokenizer else base_name).save_pretrained(out)
     print(f"merged model saved in {out}")
     return 0
 
 
-def cmd_eval(rest: list[str]) -> int:
-    from .evaluate import evaluate_cli
+def cmd_eval(argv: list[str]) -> int:
+    """Exit 0 with the metrics on stdout; 2 with one line on stderr for a bad adapter, flag or data."""
+    from transformers import HfArgumentParser
 
-    return evaluate_cli(rest)
+    from .config import DataArguments, DPOConfig, ModelArguments
+    from .modeling import load_model
+    from .recipe import load_splits
+    from .trainer import DPOTrainer
+    from .yaml_args import parse_args
+
+    with usage_errors():
+        if "--adapter" in argv[:-1]:
+            at = argv.index("--adapter")
+            adapter, rest = _adapter(argv[at + 1]), argv[:at] + argv[at + 2 :]
+        elif argv and not argv[0].startswith("-"):
+            adapter, rest = _adapter(argv[0]), argv[1:]
+        else:
+            raise UsageError(f"which adapter? pass --adapter DIR\n{EVAL_USAGE}")
+        rest = [*rest, *_run_settings(adapter, rest)]
+        write_to = Path(rest[rest.index("--output_dir") + 1]) if "--output_dir" in rest[:-1] else adapter
+        with tempfile.TemporaryDirectory(prefix="hf_dpo_eval_") as scratch:
+            parser = HfArgumentParser((ModelArguments, DataArguments, DPOConfig))
+            model_args, data_args, args = parse_args(
+                parser, ["--output_dir", scratch, *rest, "--report_to", "none"]
+            )
+            if "--model_name_or_path" not in rest:
+                recorded = json.loads((adapter / "adapter_config.json").read_text()).get(
+                    "base_model_name_or_path"
+                )
+                model_args.model_name_or_path = recorded or model_args.model_name_or_path
+            model_args.adapter_name_or_path = str(adapter)
+            loaded = load_model(model_args, use_cpu=args.use_cpu)
+            loaded.model.requires_grad_(False)  # evaluated, not trained: the reference is then the base model
+            splits = load_splits(data_args, args.seed)
+            rows = splits.get("test", splits["train"])
+            trainer = DPOTrainer(
+                model=loaded.model, args=args, eval_dataset=rows, processing_class=loaded.tokenizer
+            )
+            with contextlib.redirect_stdout(sys.stderr):  # progress and log lines: stdout is the JSON alone
+                metrics = trainer.evaluate()
+    print(json.dumps(metrics, indent=2))
+    write_to.mkdir(parents=True, exist_ok=True)
+    (write_to / "eval_results.json").write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _run_settings(adapter: Path, argv: list[str]) -> list[str]:
+    """Flags for the settings recorded in the run's hf_dpo_run.json (written at save) that argv does not set."""
+    try:
+        training = json.loads((adapter / "hf_dpo_run.json").read_text(encoding="utf-8"))["training"]
+        assert isinstance(training, dict)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        return []  # not an hf_dpo run folder (e.g. an adapter from elsewhere): the defaults apply
+    flags = []
+    for name in RUN_SETTINGS:
+        value = training.get(name)
+        if value is None or f"--{name}" in argv or any(a.startswith(f"--{name}=") for a in argv):
+            continue
+        values = value if isinstance(value, list) else [value]
+        flags += [f"--{name}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="run the QLoRA DPO recipe: hf-dpo train [config.yaml] [--flags]", add_help=False
     )
     sub.add_parser(
-        "eval", help="evaluate an adapter: hf-dpo eval ADAPTER_DIR [--dataset_name ...]", add_help=False
+        "eval", help="evaluate an adapter: hf-dpo eval --adapter DIR [--dataset_name ...]", add_help=False
     )
     push = sub.add_parser("push", help="publish a finished run to the Hub")
     push.add_argument("output_dir")
@@ -160,16 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "train":
-        return cmd_train(argv[1:])
-    if argv and argv[0] == "eval":
-        return cmd_eval(argv[1:])
+    if argv[:1] == ["train"]:
+        from .recipe import cli
+
+        return cli(argv[1:])
+    if argv[:1] == ["eval"]:
+        if argv[1:2] in (["-h"], ["--help"]):
+            print(EVAL_USAGE)
+            return 0
+        return run_guarded(cmd_eval, argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "push":
-        return cmd_push(args)
-    if args.command == "merge":
-        return cmd_merge(args)
+    if args.command in ("push", "merge"):
+        return run_guarded({"push": cmd_push, "merge": cmd_merge}[args.command], args)
     parser.print_help()
     return 0 if not argv else 2
 

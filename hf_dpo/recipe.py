@@ -59,19 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 2. Data: read, normalise and split (before the model, so a bad row fails in seconds, not after
         # minutes of loading); the trainer tokenises (cached by `datasets`).
-        dataset_name = data_args.dataset_name or str(bundled_data_path())
-        splits = load_preference_data(
-            dataset_name,
-            split=data_args.dataset_train_split,
-            test_split=data_args.dataset_test_split,
-            test_size=data_args.dataset_test_size,
-            seed=training_args.seed,
-            dataset_config=data_args.dataset_config,
-            prompt_field=data_args.prompt_field,
-            chosen_field=data_args.chosen_field,
-            rejected_field=data_args.rejected_field,
-            ranked_mode=data_args.ranked_mode,
-        )
+        splits = load_splits(data_args, training_args.seed)
         for split in splits.values():  # ranked rows (K > 2) need plackett_luce or ranked_mode=pairs
             check_pairs_for_loss(split, training_args.loss_type)
 
@@ -91,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_dataset=splits.get("test"),
             processing_class=loaded.tokenizer,
         )
-        trainer.datasets_used = [dataset_name]
+        trainer.datasets_used = [data_args.dataset_name or str(bundled_data_path())]
 
     with resume_hint(argv):  # a full disk while saving: exit 5 with the command that resumes
         # 5. Train (resuming from the last complete checkpoint if asked), then save the metrics.
@@ -130,6 +118,22 @@ def resume_hint(argv: list[str]) -> Iterator[None]:
             "true",
         ]
         raise SaveError(f"{err} Resume with: {shlex.join(command)}", err.last_checkpoint) from err
+
+
+def load_splits(data_args: DataArguments, seed: int):
+    """ "train", and "test" when a test split or test size is given, from the data arguments."""
+    return load_preference_data(
+        data_args.dataset_name or str(bundled_data_path()),
+        split=data_args.dataset_train_split,
+        test_split=data_args.dataset_test_split,
+        test_size=data_args.dataset_test_size,
+        seed=seed,
+        dataset_config=data_args.dataset_config,
+        prompt_field=data_args.prompt_field,
+        chosen_field=data_args.chosen_field,
+        rejected_field=data_args.rejected_field,
+        ranked_mode=data_args.ranked_mode,
+    )
 
 
 def setup_logging(training_args: DPOConfig) -> None:
