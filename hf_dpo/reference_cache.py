@@ -59,6 +59,9 @@ def reference_cache_key(trainer, dataset) -> str:
         ),
         "separate_ref_model": trainer.ref_model is not None,
         "reduction": trainer.args.logp_reduction,
+        # Shared and repeated prompts agree only to float rounding; a fresh adapter's rewards are exactly 0
+        # only if the reference was computed along the same path as the policy.
+        "share_prompt": bool(getattr(trainer.data_collator, "share_prompt", False)),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -19,8 +19,13 @@ from torch import nn
 from transformers import Trainer
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from .attention import use_varlen_attention
-from .collator import PreferenceCollator
+from .attention import (
+    SHARED_LAYOUT_KWARG,
+    prompt_sharing_unsupported,
+    require_shared_attention,
+    use_varlen_attention,
+)
+from .collator import PreferenceCollator, SharedPromptLayout
 from .config import DPOConfig
 from .data import check_pairs_for_loss
 from .logps import SequenceLogps, sequence_logps, sequence_logps_from_hidden
@@ -102,8 +107,10 @@ class DPOTrainer(Trainer):
             if ref_model is not None:
                 disable_dropout(ref_model)
         guard_cpu_4bit_repacking(model)
-        if args.padding_free:
-            # sdpa/eager would attend across the whole packed row (N^2); attend within each sequence instead.
+        share_prompt = args.share_prompt and _can_share_prompt(model, ref_model, args.max_length)
+        if args.padding_free or share_prompt:
+            # sdpa/eager would attend across the whole packed row (N^2), or let completions see each other;
+            # hf_dpo's attention keeps each sequence (each completion) to itself.
             use_varlen_attention(model)
             if ref_model is not None:
                 use_varlen_attention(ref_model)
@@ -128,6 +135,7 @@ class DPOTrainer(Trainer):
                 pad_token_id=processing_class.pad_token_id,
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 padding_free=args.padding_free,
+                share_prompt=share_prompt,
             )
         super().__init__(
             model=model,
@@ -191,7 +199,12 @@ class DPOTrainer(Trainer):
         """Completion log-probs of every sequence in the batch from ONE forward of `model`: (B*K,) tensors."""
         forward_kwargs = {"input_ids": inputs["input_ids"], "use_cache": False}
         position_ids = inputs.get("position_ids")
-        if self.args.padding_free:
+        shared = SharedPromptLayout.from_batch(inputs) if "shared_layout" in inputs else None
+        if shared is not None:  # one sequence per row: [prompt | completion 0 | ... ] (hf_dpo.collator)
+            require_shared_attention(model)
+            forward_kwargs["position_ids"] = position_ids
+            forward_kwargs[SHARED_LAYOUT_KWARG] = shared
+        elif self.args.padding_free:
             forward_kwargs["position_ids"] = position_ids
             # Sequence boundaries for flash-attention's varlen kernels or hf_dpo.attention's varlen sdpa.
             for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
@@ -209,6 +222,7 @@ class DPOTrainer(Trainer):
             reduction=self.args.logp_reduction,
             chunk_size=self.args.logp_chunk_size,
             position_ids=position_ids if self.args.padding_free else None,
+            shared_layout=shared,
         )
         if head is not None:
             return sequence_logps_from_hidden(outputs.logits, head.weight, lm_head_bias=head.bias, **common)
@@ -438,6 +452,17 @@ def resolve_resume_checkpoint(resume, output_dir: str):
             f"is not a checkpoint); the last complete one is {latest}"
         )
     return resume
+
+
+def _can_share_prompt(model, ref_model, max_length: int | None) -> bool:
+    """Whether the policy (and a separate reference model) can read each prompt once; if not, says why in
+    one log line (the run then repeats the prompt before every completion, as without share_prompt)."""
+    for name, candidate in (("model", model), ("ref_model", ref_model)):
+        reason = None if candidate is None else prompt_sharing_unsupported(candidate, max_length)
+        if reason is not None:
+            logger.warning("share_prompt is off for this run: the %s cannot share prompts: %s", name, reason)
+            return False
+    return True
 
 
 def _named_splits(eval_dataset) -> list[tuple[str, object]]:
