@@ -7,10 +7,10 @@ sequence of the row separately (sum of L_i^2 work, no mask) when the batch carri
 
 Prompt-shared rows (`hf_dpo.collator.SharedPromptLayout`): ``[prompt | completion 0 | completion 1 | ...]``,
 where a completion attends to the prompt and, causally, to itself, never to another completion. With the
-layout passed as the `shared_prompt_layout` forward kwarg, `hf_dpo_varlen` runs per row one causal sdpa over
-the prompt and, per completion, one sdpa of its queries over [prompt keys; its own keys] with a small
-(L, P + L) mask: P^2 + sum_k L_k (P + L_k) work instead of sum_k (P + L_k)^2. On CUDA it runs FlexAttention
-instead, with one BlockMask per forward built from document and completion ids.
+layout passed as the `shared_prompt_layout` forward kwarg, `hf_dpo_varlen` runs, per completion, one sdpa of
+its queries over [prompt keys; its own keys] (`shared_prompt_sdpa`): never more attention work than the
+unshared rows, much less when prompts are long. On CUDA it runs FlexAttention instead, with one BlockMask
+per forward built from document and completion ids.
 
 Otherwise (padded batches, generation with a cache) it is plain sdpa, so the same model serves every batch.
 """
@@ -205,8 +205,12 @@ def shared_prompt_attention(
 
 
 def shared_prompt_sdpa(query, key, value, layout: SharedPromptLayout, scaling=None, dropout_p=0.0):
-    """Per row: causal sdpa over the prompt, then per completion its queries over [prompt; its own] keys.
+    """Per row, per completion: its queries over [prompt; its own] keys, each in the cheaper of two ways.
 
+    - causal sdpa over the queries [prompt; completion] ((P + L)^2 / 2 work, the unshared cost): the prompt's
+      outputs come out of it too, so the row's first completion always goes this way;
+    - its L queries alone over the P + L keys with an (L, P + L) mask (L (P + L) work: the kernel cannot
+      skip the masked triangle), cheaper for the other completions when L < P.
     Every call takes 4D (1, H, L, D) slices: on CPU, sdpa's flash kernel (which takes a mask) only runs on
     4D inputs, and 3D ones fall back to the slower math kernel. Padding positions (padded rows) get zeros:
     no query reads them and nothing is scored there."""
@@ -215,36 +219,32 @@ def shared_prompt_sdpa(query, key, value, layout: SharedPromptLayout, scaling=No
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     width = query.shape[2]
+
+    def attend(queries, keys, values, mask=None):
+        return F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, dropout_p=dropout_p, scale=scaling, is_causal=mask is None
+        )
+
     pieces: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
     for _, row, start, prompt, parts in layout.segments():
         q, k, v = query[row : row + 1], key[row : row + 1], value[row : row + 1]  # (1, H, T, D)
-        out = pieces[row]
-        prompt_keys, prompt_values = k[:, :, start : start + prompt], v[:, :, start : start + prompt]
-        if prompt:
-            out.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, start : start + prompt],
-                    prompt_keys,
-                    prompt_values,
-                    dropout_p=dropout_p,
-                    scale=scaling,
-                    is_causal=True,
-                )
-            )
+        span = slice(start, start + prompt)
+        prompt_queries, prompt_keys, prompt_values = q[:, :, span], k[:, :, span], v[:, :, span]
+        prompt_out, completions_out = None, []
         for _, begin, length in parts:
-            end = begin + length
-            own_keys, own_values = k[:, :, begin:end], v[:, :, begin:end]
-            out.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, begin:end],
-                    torch.cat([prompt_keys, own_keys], dim=2) if prompt else own_keys,
-                    torch.cat([prompt_values, own_values], dim=2) if prompt else own_values,
-                    attn_mask=_completion_mask(layout, prompt, length, query.device) if prompt else None,
-                    dropout_p=dropout_p,
-                    scale=scaling,
-                    is_causal=not prompt,
-                )
-            )
+            own = slice(begin, begin + length)
+            keys = torch.cat([prompt_keys, k[:, :, own]], dim=2)
+            values = torch.cat([prompt_values, v[:, :, own]], dim=2)
+            if prompt_out is None or length >= prompt:
+                out = attend(torch.cat([prompt_queries, q[:, :, own]], dim=2), keys, values)
+                prompt_out = out[:, :, :prompt] if prompt_out is None else prompt_out
+                completions_out.append(out[:, :, prompt:])
+            else:
+                mask = _completion_mask(layout, prompt, length, query.device)
+                completions_out.append(attend(q[:, :, own], keys, values, mask))
+        if prompt_out is None:  # a row without completions
+            prompt_out = attend(prompt_queries, prompt_keys, prompt_values)
+        pieces[row] += [prompt_out, *completions_out]
     if layout.packed:
         return torch.cat(pieces[0], dim=2).transpose(1, 2).contiguous()
     rows = []

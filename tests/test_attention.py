@@ -86,8 +86,9 @@ def _shared_rows():
 
 def test_shared_rows_equal_each_completion_after_its_own_prompt(monkeypatch):
     """Each completion's logits in a shared row (padded rows, and one packed row) equal those of [prompt |
-    completion] run alone; attention runs per segment: the prompt causally (P x P), each completion over the
-    prompt and itself (L x (P + L)), never over the whole row."""
+    completion] run alone; attention runs per completion, never over the whole row: row 0's first completion
+    causally over [prompt; completion] (which gives the prompt's outputs too), its second (2 tokens after a
+    prompt of 6) with a (2, 8) mask; row 1's only completion causally."""
     from hf_dpo.attention import SHARED_LAYOUT_KWARG
     from hf_dpo.collator import PreferenceCollator, SharedPromptLayout
 
@@ -116,7 +117,7 @@ def test_shared_rows_equal_each_completion_after_its_own_prompt(monkeypatch):
                 **{SHARED_LAYOUT_KWARG: layout},
             ).logits
             monkeypatch.undo()
-            per_layer = [(6, 6, False), (4, 10, True), (2, 8, True), (3, 3, False), (5, 8, True)]
+            per_layer = [(10, 10, False), (2, 8, True), (8, 8, False)]
             assert calls == per_layer * varlen.config.num_hidden_layers
             for b, row, _, _, parts in layout.segments():
                 for k, begin, length in parts:
