@@ -198,6 +198,54 @@ def test_fresh_adapter_gives_exactly_ln2_and_zero_rewards(tiny_model_path, tmp_p
         assert metrics[f"eval_{key}"] == 0.0
 
 
+def test_separate_reference_model_shares_prompts_too(tiny_model_path, tmp_path, caplog):
+    """A separate ref_model (the plain 4-bit base) is switched to hf_dpo's attention as well: step 0 gives
+    exactly ln 2. One that cannot share (flash-attention) turns sharing off for the run, naming ref_model."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from hf_dpo.attention import VARLEN_ATTENTION
+    from hf_dpo.modeling import guard_cpu_4bit_repacking
+
+    def plain_model():
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_model_path, quantization_config=quantization, dtype=torch.float32, device_map={"": "cpu"}
+        )
+        guard_cpu_4bit_repacking(model)
+        return model
+
+    loaded = load(tiny_model_path)
+    trainer = DPOTrainer(
+        model=loaded.model,
+        args=dpo_config(tmp_path / "a"),
+        train_dataset=tokenised_rows(loaded.tokenizer),
+        processing_class=loaded.tokenizer,
+        ref_model=plain_model(),
+    )
+    assert trainer.data_collator.share_prompt
+    assert trainer.ref_model.config._attn_implementation == VARLEN_ATTENTION
+    trainer.model.train()
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    assert trainer.compute_loss(trainer.model, batch).item() == LN2_FP32
+
+    flash = plain_model()
+    flash.config._attn_implementation = "flash_attention_2"
+    loaded = load(tiny_model_path)
+    with caplog.at_level(logging.WARNING, logger="hf_dpo.trainer"):
+        trainer = DPOTrainer(
+            model=loaded.model,
+            args=dpo_config(tmp_path / "b"),
+            train_dataset=tokenised_rows(loaded.tokenizer),
+            processing_class=loaded.tokenizer,
+            ref_model=flash,
+        )
+    lines = _fallback_lines(caplog)
+    assert len(lines) == 1 and "ref_model" in lines[0] and "flash_attention_2" in lines[0], lines
+    assert not trainer.data_collator.share_prompt
+
+
 def test_precomputed_reference_is_cached_per_prompt_layout(tiny_model_path, tmp_path):
     """Shared and repeated prompts agree only to rounding: each keeps its own reference cache entry."""
     from hf_dpo.reference_cache import reference_cache_key
