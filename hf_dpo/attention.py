@@ -105,8 +105,9 @@ def register_varlen_attention() -> str:
 
 
 def use_varlen_attention(model: torch.nn.Module) -> bool:
-    """Switch a model on sdpa/eager to `hf_dpo_varlen` for padding-free batches; flash-attention models
-    keep their own varlen kernels. Returns True if the model now uses hf_dpo_varlen."""
+    """Switch a model on sdpa/eager to `hf_dpo_varlen` for padding-free and prompt-shared batches;
+    flash-attention models keep their own varlen kernels (and cannot share prompts). Returns True if the
+    model now uses hf_dpo_varlen."""
     config = getattr(model, "config", None)
     current = str(getattr(config, "_attn_implementation", "") or "")
     if "flash" in current or current == VARLEN_ATTENTION:
@@ -150,9 +151,8 @@ def prompt_sharing_unsupported(model: torch.nn.Module, max_length: int | None) -
         )
     if windowed and window is None:
         return f"its layer types {sorted(set(layer_types))} are not all full attention"
-    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(config, name, None) is not None:
-            return f"it modifies attention scores ({name})"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "it modifies attention scores (attn_logit_softcapping)"
     return None
 
 
@@ -208,52 +208,72 @@ def shared_prompt_sdpa(query, key, value, layout: SharedPromptLayout, scaling=No
     """Per row, per completion: its queries over [prompt; its own] keys, each in the cheaper of two ways.
 
     - causal sdpa over the queries [prompt; completion] ((P + L)^2 / 2 work, the unshared cost): the prompt's
-      outputs come out of it too, so the row's first completion always goes this way;
+      outputs come out of it too, so the row's first completion, which follows the prompt (one slice: no
+      copy), always goes this way;
     - its L queries alone over the P + L keys with an (L, P + L) mask (L (P + L) work: the kernel cannot
       skip the masked triangle), cheaper for the other completions when L < P.
     Every call takes 4D (1, H, L, D) slices: on CPU, sdpa's flash kernel (which takes a mask) only runs on
     4D inputs, and 3D ones fall back to the slower math kernel. Padding positions (padded rows) get zeros:
     no query reads them and nothing is scored there."""
     from transformers.integrations.sdpa_attention import repeat_kv
+    from transformers.utils.import_utils import is_torch_greater_or_equal
 
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    gqa = {}
+    if query.shape[1] != key.shape[1]:
+        if is_torch_greater_or_equal(
+            "2.5"
+        ):  # sdpa reads grouped keys itself: no copy (its CPU flash kernel too)
+            gqa["enable_gqa"] = True
+        else:
+            groups = query.shape[1] // key.shape[1]
+            key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     width = query.shape[2]
 
     def attend(queries, keys, values, mask=None):
         return F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=mask, dropout_p=dropout_p, scale=scaling, is_causal=mask is None
+            queries,
+            keys,
+            values,
+            attn_mask=mask,
+            dropout_p=dropout_p,
+            scale=scaling,
+            is_causal=mask is None,
+            **gqa,
         )
 
-    pieces: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
+    rows, heads, dim = query.shape[0], query.shape[1], query.shape[3]
+    pieces: list[torch.Tensor] = []  # (1, L, H, D), in the order of the flattened (R * T) positions
+    filled = 0  # flattened positions covered by `pieces` so far
     for _, row, start, prompt, parts in layout.segments():
         q, k, v = query[row : row + 1], key[row : row + 1], value[row : row + 1]  # (1, H, T, D)
         span = slice(start, start + prompt)
-        prompt_queries, prompt_keys, prompt_values = q[:, :, span], k[:, :, span], v[:, :, span]
-        prompt_out, completions_out = None, []
+        outputs = []
         for _, begin, length in parts:
             own = slice(begin, begin + length)
-            keys = torch.cat([prompt_keys, k[:, :, own]], dim=2)
-            values = torch.cat([prompt_values, v[:, :, own]], dim=2)
-            if prompt_out is None or length >= prompt:
-                out = attend(torch.cat([prompt_queries, q[:, :, own]], dim=2), keys, values)
-                prompt_out = out[:, :, :prompt] if prompt_out is None else prompt_out
-                completions_out.append(out[:, :, prompt:])
+            if not outputs:  # the first completion follows the prompt: [prompt; completion] is one slice
+                whole = slice(start, begin + length)
+                out = attend(q[:, :, whole], k[:, :, whole], v[:, :, whole])
+                outputs += [out[:, :, :prompt], out[:, :, prompt:]]
+                continue
+            keys = torch.cat([k[:, :, span], k[:, :, own]], dim=2)
+            values = torch.cat([v[:, :, span], v[:, :, own]], dim=2)
+            if length >= prompt:
+                out = attend(torch.cat([q[:, :, span], q[:, :, own]], dim=2), keys, values)
+                outputs.append(out[:, :, prompt:])
             else:
                 mask = _completion_mask(layout, prompt, length, query.device)
-                completions_out.append(attend(q[:, :, own], keys, values, mask))
-        if prompt_out is None:  # a row without completions
-            prompt_out = attend(prompt_queries, prompt_keys, prompt_values)
-        pieces[row] += [prompt_out, *completions_out]
-    if layout.packed:
-        return torch.cat(pieces[0], dim=2).transpose(1, 2).contiguous()
-    rows = []
-    for out in pieces:
-        used = sum(piece.shape[2] for piece in out)
-        if used < width:
-            out.append(query.new_zeros(1, query.shape[1], width - used, query.shape[3]))
-        rows.append(torch.cat(out, dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous()
+                outputs.append(attend(q[:, :, own], keys, values, mask))
+        if not outputs and prompt:  # a row without completions
+            outputs.append(attend(q[:, :, span], k[:, :, span], v[:, :, span]))
+        offset = row * width + start
+        if offset > filled:  # the padding of the row before
+            pieces.append(query.new_zeros(1, offset - filled, heads, dim))
+        pieces += [out.transpose(1, 2) for out in outputs if out.shape[2]]
+        filled = offset + sum(out.shape[2] for out in outputs)
+    if filled < rows * width:
+        pieces.append(query.new_zeros(1, rows * width - filled, heads, dim))
+    # One copy into the (R, T, H, D) output, as the unshared path's transpose + contiguous.
+    return torch.cat(pieces, dim=1).view(rows, width, heads, dim)
 
 
 def _completion_mask(layout: SharedPromptLayout, prompt: int, length: int, device) -> torch.Tensor:
