@@ -135,22 +135,30 @@ class DataSpec:
     prompt_len: tuple[int, int]
     completion_len: tuple[int, int]
     seed: int = 0
+    num_completions: int = 2  # responses per prompt; more than 2 are ranked rows (hf_dpo only)
 
 
 def make_rows(spec: DataSpec) -> list[dict]:
-    """[{prompt, chosen, rejected}] as lists of token ids."""
+    """[{prompt, chosen, rejected, completions}] as lists of token ids (completions: all K, best first)."""
     rng = random.Random(spec.seed)
     rows = []
     for _ in range(spec.num_rows):
         p_len = rng.randint(*spec.prompt_len)
         prompt = [BOS_ID] + [rng.randrange(FIRST_ORDINARY_ID, spec.vocab_size) for _ in range(p_len - 1)]
         completions = []
-        for _ in range(2):
+        for _ in range(spec.num_completions):
             c_len = min(rng.randint(*spec.completion_len), spec.max_length - p_len)
             completions.append(
                 [rng.randrange(FIRST_ORDINARY_ID, spec.vocab_size) for _ in range(c_len - 1)] + [EOS_ID]
             )
-        rows.append({"prompt": prompt, "chosen": completions[0], "rejected": completions[1]})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": completions[0],
+                "rejected": completions[1],
+                "completions": completions,
+            }
+        )
     return rows
 
 
@@ -189,6 +197,8 @@ class RunSpec:
     lora_alpha: int = 32
     precompute_ref_log_probs: bool = False
     padding_free: bool = False
+    share_prompt: bool | None = None  # None: DPOConfig's default
+    loss_type: str = "sigmoid"  # hf impl only: plackett_luce for ranked rows
     gradient_checkpointing: bool = False
     bf16: bool = False
     compute_dtype: str = "float32"
@@ -287,7 +297,7 @@ def _datasets_for(impl: str, rows: list[dict]):
         [
             {
                 "prompt_input_ids": r["prompt"],
-                "completion_input_ids": [r["chosen"], r["rejected"]],
+                "completion_input_ids": r["completions"],
                 "source_line": i + 1,
             }
             for i, r in enumerate(rows)
@@ -401,13 +411,14 @@ def _build_hf(spec: RunSpec, dataset, output_dir: str):
     args = DPOConfig(
         **_training_args_common(spec, output_dir),
         beta=spec.beta,
-        loss_type="sigmoid",
+        loss_type=spec.loss_type,
         max_length=spec.max_length,
         max_prompt_length=spec.max_length // 2,
         precompute_ref_log_probs=spec.precompute_ref_log_probs,
         padding_free=spec.padding_free,
         logp_chunk_size=spec.logp_chunk_size,
         disable_dropout=True,
+        **({} if spec.share_prompt is None else {"share_prompt": spec.share_prompt}),
     )
     return DPOTrainer(model=loaded.model, args=args, train_dataset=dataset, processing_class=loaded.tokenizer)
 

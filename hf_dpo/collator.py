@@ -1,15 +1,71 @@
-"""Batches of preference rows for one policy forward: padded, or packed without padding.
+"""Batches of preference rows for one policy forward: padded, or packed without padding, with the prompt
+repeated before every completion or shared by all of them.
 
-B rows with K completions each become B*K sequences (prompt + completion) in completion-major order,
+B rows with K completions each are B*K sequences (prompt + completion) in completion-major order,
 ``[completion 0 of rows 1..B; completion 1 of rows 1..B; ...]``; for pairs that is
 ``[chosen_1..chosen_B; rejected_1..rejected_B]``, so ``logps.view(K, B)`` gives one completion per row.
+
+Prompt sharing (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing"): each row
+becomes ONE sequence ``[prompt | completion 0 | ... | completion K-1]`` whose completions continue the prompt's
+positions and attend to the prompt and to themselves only (`hf_dpo.attention`), so the prompt is read once
+instead of K times and every completion sees exactly what it would see after its own copy of the prompt.
+The sequences of the batch keep their completion-major numbering: sequence k*B + b is completion k of row b.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass(frozen=True)
+class SharedPromptLayout:
+    """Where the prompt and the completions of every row lie in a prompt-shared batch.
+
+    lengths: per row b, ``(prompt length, completion 0 length, ..., completion K-1 length)`` (0 for a
+        missing completion).
+    packed: the rows' shared sequences lie back to back in one row (padding-free); otherwise row b of the
+        tensors holds row b's shared sequence from position 0, right-padded.
+    Built once per forward (`from_batch`); `cache` holds what attention derives from it (masks), so every
+    layer, and a gradient-checkpointed recomputation, reuses them.
+    """
+
+    lengths: tuple[tuple[int, ...], ...]
+    packed: bool
+    cache: dict = field(default_factory=dict, compare=False, repr=False, hash=False)
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> SharedPromptLayout:
+        lengths = batch["shared_layout"]
+        rows = batch["input_ids"].shape[0]
+        if rows not in (1, lengths.shape[0]):
+            raise ValueError(
+                f"shared_layout describes {lengths.shape[0]} rows but input_ids has {rows}: not a prompt-shared batch"
+            )
+        return cls(lengths=tuple(map(tuple, lengths.tolist())), packed=rows != lengths.shape[0])
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_completions(self) -> int:
+        return len(self.lengths[0]) - 1
+
+    def segments(self):
+        """Per row b: (b, tensor row, prompt start, prompt length, [(k, completion start, length), ...]),
+        positions along the tensor row; completions of length 0 are left out."""
+        offset = 0
+        for b, (prompt, *completions) in enumerate(self.lengths):
+            start = offset if self.packed else 0
+            cursor, parts = start + prompt, []
+            for k, length in enumerate(completions):
+                if length:
+                    parts.append((k, cursor, length))
+                cursor += length
+            yield b, 0 if self.packed else b, start, prompt, parts
+            offset = cursor
 
 
 @dataclass
@@ -21,13 +77,19 @@ class PreferenceCollator:
     ``padding_free=True``: the B*K sequences concatenated into one row, ``input_ids``, ``position_ids``,
     ``completion_mask`` of shape (1, N), with ``seq_lens`` and flash-attention varlen arguments
     (``cu_seq_lens_q/k``, ``max_length_q/k``) instead of an attention mask.
-    Both: ``response_mask`` (B, K) bool (False for the empty completions that fill rows with fewer than
+    ``share_prompt=True``: one sequence per row, ``[prompt | completion 0 | ... | completion K-1]``, padded
+    to (B, T) (with ``attention_mask``) or packed into (1, N); ``input_ids``, ``position_ids`` (each completion
+    continues from the end of its prompt), ``completion_mask``, and ``shared_layout`` (B, 1 + K) long: each
+    row's prompt length and completion lengths (see `SharedPromptLayout`). No varlen arguments: attention
+    must keep completions apart, which only `hf_dpo.attention` does.
+    All: ``response_mask`` (B, K) bool (False for the empty completions that fill rows with fewer than
     K responses), ``source_line`` (B,), and ``ref_logps`` (B, K) float32 when the rows carry it.
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     padding_free: bool = False
+    share_prompt: bool = False
 
     def __post_init__(self):
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
@@ -43,21 +105,14 @@ class PreferenceCollator:
         if num_completions == 0:
             raise ValueError("every row has no completions")
 
-        response_mask = torch.zeros(batch_size, num_completions, dtype=torch.bool)
-        prompts, completions = [], []  # sequence k*B + b is completion k of row b
-        for k in range(num_completions):
-            for b, feature in enumerate(features):
-                prompts.append(list(feature["prompt_input_ids"]))
-                if k < len(feature["completion_input_ids"]):
-                    completions.append(list(feature["completion_input_ids"][k]))
-                    response_mask[b, k] = True
-                else:  # a missing response: the prompt alone, masked out of the loss
-                    completions.append([])
-
-        batch = (
-            self._packed(prompts, completions) if self.padding_free else self._padded(prompts, completions)
+        if self.share_prompt:
+            batch = self._shared(features, num_completions)
+        else:
+            batch = self._unshared(features, num_completions)
+        batch["response_mask"] = torch.tensor(
+            [[k < len(f["completion_input_ids"]) for k in range(num_completions)] for f in features],
+            dtype=torch.bool,
         )
-        batch["response_mask"] = response_mask
         batch["source_line"] = torch.tensor(
             [int(f.get("source_line", -1)) for f in features], dtype=torch.long
         )
@@ -70,6 +125,57 @@ class PreferenceCollator:
                 values = list(feature["ref_logps"])
                 ref[b, : len(values)] = torch.tensor(values, dtype=torch.float32)
             batch["ref_logps"] = ref
+        return batch
+
+    def _unshared(self, features: list[dict], num_completions: int) -> dict[str, torch.Tensor | int]:
+        prompts, completions = [], []  # sequence k*B + b is completion k of row b
+        for k in range(num_completions):
+            for feature in features:
+                prompts.append(list(feature["prompt_input_ids"]))
+                if k < len(feature["completion_input_ids"]):
+                    completions.append(list(feature["completion_input_ids"][k]))
+                else:  # a missing response: the prompt alone, masked out of the loss
+                    completions.append([])
+        if self.padding_free:
+            return self._packed(prompts, completions)
+        return self._padded(prompts, completions)
+
+    def _shared(self, features: list[dict], num_completions: int) -> dict[str, torch.Tensor]:
+        """One sequence per row: the prompt once, then every completion, each positioned right after the
+        prompt (positions P, P+1, ... for every completion of a prompt of P tokens)."""
+        rows, layout = [], []
+        for feature in features:
+            prompt = list(feature["prompt_input_ids"])
+            completions = [list(c) for c in feature["completion_input_ids"]]
+            completions += [[]] * (num_completions - len(completions))  # missing responses: no tokens
+            ids, positions, mask = list(prompt), list(range(len(prompt))), [0] * len(prompt)
+            for c in completions:
+                ids += c
+                positions += range(len(prompt), len(prompt) + len(c))
+                mask += [1] * len(c)
+            rows.append((ids, positions, mask))
+            layout.append([len(prompt), *map(len, completions)])
+        if self.padding_free:
+            batch = {
+                name: torch.tensor([[v for row in rows for v in row[i]]], dtype=torch.long)
+                for i, name in enumerate(("input_ids", "position_ids", "completion_mask"))
+            }
+        else:
+            length = max(len(ids) for ids, _, _ in rows)
+            if self.pad_to_multiple_of:
+                length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+            batch = {
+                "input_ids": torch.full((len(rows), length), self.pad_token_id, dtype=torch.long),
+                "attention_mask": torch.zeros(len(rows), length, dtype=torch.long),
+                "position_ids": torch.zeros(len(rows), length, dtype=torch.long),
+                "completion_mask": torch.zeros(len(rows), length, dtype=torch.long),
+            }
+            for b, (ids, positions, mask) in enumerate(rows):
+                batch["input_ids"][b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                batch["attention_mask"][b, : len(ids)] = 1
+                batch["position_ids"][b, : len(ids)] = torch.tensor(positions, dtype=torch.long)
+                batch["completion_mask"][b, : len(ids)] = torch.tensor(mask, dtype=torch.long)
+        batch["shared_layout"] = torch.tensor(layout, dtype=torch.long)
         return batch
 
     def _padded(self, prompts: list[list[int]], completions: list[list[int]]) -> dict[str, torch.Tensor]:

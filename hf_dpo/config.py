@@ -216,6 +216,15 @@ class DPOConfig(TrainingArguments):
             "help": "Pack the batch's sequences into one row (no compute on padding; attention stays per sequence)."
         },
     )
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Read each prompt once for all its completions ([prompt | chosen | rejected] in one sequence, "
+            "each completion attending to the prompt and itself): same log-probs, faster the longer the prompts "
+            "and the more responses per prompt. Off by itself where the model's attention cannot do it (one "
+            "log line says why); --share_prompt false turns it off."
+        },
+    )
     disable_dropout: bool = field(
         default=True,
         metadata={

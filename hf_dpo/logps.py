@@ -16,15 +16,21 @@ per-sequence sums are formed, for the policy and the reference alike.
 
 Position convention: `input_ids[:, t]` is predicted by the output at position t - 1. `completion_mask`
 marks completion tokens in input positions (1 on the completion tokens and their EOS; 0 on the prompt
-and padding). For packed (padding-free) rows, `position_ids` restarts at 0 for each sequence.
+and padding). For packed (padding-free) rows, `position_ids` restarts at 0 for each sequence. In a
+prompt-shared row ``[prompt | completion 0 | completion 1 | ...]`` (`hf_dpo.collator.SharedPromptLayout`)
+the first token of EVERY completion is predicted by the prompt's last position, the others by the position
+before them (`shared_completion_positions`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from .collator import SharedPromptLayout
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # fp32 elements per chunk (64 MiB): [chunk_size, vocab] at most.
 
@@ -232,6 +238,51 @@ def length_desensitized_weights(
     return torch.where(within, 1.0, ld_alpha).to(torch.float32)
 
 
+def shared_completion_positions(
+    input_ids: torch.Tensor, layout: SharedPromptLayout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Which output positions predict a completion token in a prompt-shared batch, and whose token it is.
+
+    Args:
+        input_ids: (R, T): B padded rows or 1 packed row, laid out as `layout` says.
+    Returns:
+        predictor_index (M,): flat positions in (R*T) whose output predicts each completion token; the prompt's
+            last position appears once per completion of its row.
+        targets (M,): the predicted token ids.
+        sequence_index (M,): completion k of row b is sequence k*B + b (the unshared numbering).
+        num_sequences: S = B*K.
+    A completion after an empty prompt has no predictor for its first token, which is then not scored (as
+    in `completion_positions`).
+    """
+    width, rows = input_ids.shape[1], layout.num_rows
+    predictors, positions, sequences = [], [], []
+    for b, row, start, prompt, parts in layout.segments():
+        base = row * width
+        for k, begin, length in parts:
+            first = 0 if prompt else 1  # with no prompt, nothing predicts the first completion token
+            if first >= length:
+                continue
+            own = torch.arange(begin + first, begin + length)  # input positions of the scored tokens
+            before = own - 1
+            if prompt:
+                before[0] = start + prompt - 1  # the first token follows the prompt, not what precedes it
+            predictors.append(before + base)
+            positions.append(own + base)
+            sequences.append(torch.full((length - first,), k * rows + b))
+    device = input_ids.device
+    if not positions:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty, empty, rows * layout.num_completions
+    positions_ = torch.cat(positions).to(device)
+    targets = input_ids.reshape(-1)[positions_]
+    return (
+        torch.cat(predictors).to(device),
+        targets,
+        torch.cat(sequences).to(device),
+        rows * layout.num_completions,
+    )
+
+
 def _reduce(
     tokens: TokenLogps,
     sequence_index: torch.Tensor,
@@ -270,6 +321,18 @@ def _reduce(
     )
 
 
+def _completion_inputs(states, input_ids, completion_mask, position_ids, shared_layout):
+    """(M, D) rows of `states` (R, T, D) that predict a completion token, their targets (M,), the sequence of
+    each (M,) and the number of sequences S; `shared_layout` for a prompt-shared batch."""
+    if shared_layout is not None:
+        index, targets, sequence_index, num_sequences = shared_completion_positions(input_ids, shared_layout)
+        return states.flatten(0, 1)[index], targets, sequence_index, num_sequences
+    predictor_mask, targets, sequence_index, num_sequences = completion_positions(
+        input_ids, completion_mask, position_ids
+    )
+    return states[:, :-1][predictor_mask], targets, sequence_index, num_sequences
+
+
 def sequence_logps(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
@@ -280,6 +343,7 @@ def sequence_logps(
     with_stats: bool = False,
     ld_alpha: float | None = None,
     sequence_group: torch.Tensor | None = None,
+    shared_layout: SharedPromptLayout | None = None,
 ) -> SequenceLogps:
     """Per-sequence completion log-probs from full logits.
 
@@ -292,13 +356,14 @@ def sequence_logps(
         ld_alpha: LD-DPO weight of the tokens beyond the shortest completion of the same prompt; None: 1.
         sequence_group: (S,) the prompt of each sequence, ids in [0, S) (needed with ld_alpha); for the
             collator's completion-major batches of B prompts, ``arange(S) % B``.
+        shared_layout: for a prompt-shared batch, its layout (then completion_mask and position_ids are
+            not read).
     Returns:
         SequenceLogps with (S,) tensors.
     """
-    predictor_mask, targets, sequence_index, num_sequences = completion_positions(
-        input_ids, completion_mask, position_ids
+    selected, targets, sequence_index, num_sequences = _completion_inputs(
+        logits, input_ids, completion_mask, position_ids, shared_layout
     )
-    selected = logits[:, :-1][predictor_mask]  # (M, V)
     tokens = token_logps(selected, targets, chunk_size=chunk_size, with_stats=with_stats)
     return _reduce(tokens, sequence_index, num_sequences, reduction, ld_alpha, sequence_group)
 
@@ -315,6 +380,7 @@ def sequence_logps_from_hidden(
     with_stats: bool = False,
     ld_alpha: float | None = None,
     sequence_group: torch.Tensor | None = None,
+    shared_layout: SharedPromptLayout | None = None,
 ) -> SequenceLogps:
     """Per-sequence completion log-probs from the final hidden states, with the LM head fused in.
 
@@ -324,9 +390,8 @@ def sequence_logps_from_hidden(
     Only the M completion-predicting positions go through the head, chunk by chunk, so neither the
     [R, T, V] logits nor their fp32 log-softmax ever exist in full, in forward or backward.
     """
-    predictor_mask, targets, sequence_index, num_sequences = completion_positions(
-        input_ids, completion_mask, position_ids
+    selected, targets, sequence_index, num_sequences = _completion_inputs(
+        hidden_states, input_ids, completion_mask, position_ids, shared_layout
     )
-    selected = hidden_states[:, :-1][predictor_mask]  # (M, H)
     tokens = token_logps(selected, targets, lm_head_weight, lm_head_bias, chunk_size, with_stats)
     return _reduce(tokens, sequence_index, num_sequences, reduction, ld_alpha, sequence_group)

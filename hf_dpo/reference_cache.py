@@ -58,6 +58,9 @@ def reference_cache_key(trainer, dataset) -> str:
         "reference_weights": _adapter_digest(model, reference.adapter) if reference.adapter else None,
         "reduction": trainer.args.logp_reduction,
         "ld_alpha": trainer.args.ld_alpha,  # LD-DPO weights the reference's tail tokens too
+        # Shared and repeated prompts agree only to float rounding; a fresh adapter's rewards are exactly 0
+        # only if the reference was computed along the same path as the policy.
+        "share_prompt": bool(getattr(trainer.data_collator, "share_prompt", False)),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

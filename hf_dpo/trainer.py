@@ -20,6 +20,12 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .attention import (
+    SHARED_LAYOUT_KWARG,
+    prompt_sharing_unsupported,
+    require_shared_attention,
+    use_varlen_attention,
+)
 from .callbacks import (
     CheckpointMarker,
     HubPushAtSave,
@@ -29,7 +35,7 @@ from .callbacks import (
     as_save_error,
     resolve_resume_checkpoint,
 )
-from .collator import PreferenceCollator
+from .collator import PreferenceCollator, SharedPromptLayout
 from .config import DPOConfig, ModelArguments
 from .logps import SequenceLogps, sequence_logps, sequence_logps_from_hidden
 from .losses import LOSSES, LossSpec, preference_loss
@@ -130,6 +136,12 @@ class DPOTrainer(Trainer):
             prepare_model(ref_model, args, is_reference=True).requires_grad_(False)
         self.loss_spec = LossSpec.from_config(args)
         self.reference = choose_reference(model, args, ref_model)
+        # Each prompt read once per row, [prompt | completion 0 | ...], where the model's attention allows it.
+        self.share_prompt = args.share_prompt and _can_share_prompt(model, ref_model, args.max_length)
+        if self.share_prompt:  # completions must not see each other: hf_dpo's attention keeps them apart
+            for candidate in (model, self.reference.model):
+                if candidate is not None:
+                    use_varlen_attention(candidate)
         if processing_class is None:
             processing_class = load_tokenizer(_model_name(model))
 
@@ -148,6 +160,7 @@ class DPOTrainer(Trainer):
                 pad_token_id=processing_class.pad_token_id,
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 padding_free=args.padding_free,
+                share_prompt=self.share_prompt,
             )
         self.datasets_used = _dataset_names(train_dataset)
         super().__init__(
@@ -230,7 +243,12 @@ class DPOTrainer(Trainer):
         with the per-token statistics (entropy, top-1, WPO's log sum p^2) unless `with_stats` is False."""
         forward_kwargs = {"input_ids": inputs["input_ids"], "use_cache": False}
         position_ids = inputs.get("position_ids")
-        if self.args.padding_free:
+        shared = SharedPromptLayout.from_batch(inputs) if "shared_layout" in inputs else None
+        if shared is not None:  # one sequence per row: [prompt | completion 0 | ...] (hf_dpo.collator)
+            require_shared_attention(model)
+            forward_kwargs["position_ids"] = position_ids
+            forward_kwargs[SHARED_LAYOUT_KWARG] = shared
+        elif self.args.padding_free:
             forward_kwargs["position_ids"] = position_ids
             # Sequence boundaries for flash-attention's varlen kernels or hf_dpo.attention's varlen sdpa.
             for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
@@ -245,6 +263,7 @@ class DPOTrainer(Trainer):
             chunk_size=self.args.logp_chunk_size,
             position_ids=position_ids if self.args.padding_free else None,
             with_stats=with_stats,
+            shared_layout=shared,
         )
         if self.args.ld_alpha is not None:  # LD-DPO needs each sequence's row (completion-major order)
             rows, k = inputs["response_mask"].shape
@@ -512,6 +531,7 @@ class DPOTrainer(Trainer):
             "simpo_gamma": "simpo" in args.loss_type,
         }
         settings.update({name: getattr(args, name) for name, shown in shown_when.items() if shown})
+        settings["share_prompt"] = self.share_prompt  # the value in effect
         settings["global_step"] = self.state.global_step
         settings["world_size"] = args.world_size
         settings["quantization"] = describe_quantization(self.model)
@@ -549,6 +569,17 @@ _CARD_SETTINGS = (
     "gradient_checkpointing",
     "seed",
 )
+
+
+def _can_share_prompt(model, ref_model, max_length: int | None) -> bool:
+    """Whether the policy (and a separate reference model) can read each prompt once; if not, says why in
+    one log line (the run then repeats the prompt before every completion, as without share_prompt)."""
+    for name, candidate in (("model", model), ("ref_model", ref_model)):
+        reason = None if candidate is None else prompt_sharing_unsupported(candidate, max_length)
+        if reason is not None:
+            logger.warning("share_prompt is off for this run: the %s cannot share prompts: %s", name, reason)
+            return False
+    return True
 
 
 def _private_copy(args) -> DPOConfig:

@@ -124,3 +124,82 @@ def test_real_pairs_put_chosen_first(tmp_path, tiny_tokenizer):
     ]
     assert texts == [" yes</s>"] * 3 + [" no</s>"] * 3
     assert batch["source_line"].tolist() == [1, 2, 3]
+
+
+# ---------------------------------------------------------------------------------- prompt sharing
+def test_shared_padded_batch_exact_tensors():
+    """One sequence per row, [prompt | chosen | rejected]; both completions continue the prompt's positions."""
+    batch = PreferenceCollator(pad_token_id=0, share_prompt=True)([ROW_A, ROW_B])
+    assert set(batch) == {
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+        "completion_mask",
+        "shared_layout",
+        "response_mask",
+        "source_line",
+    }
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 2, 8, 9, 2], [1, 5, 10, 2, 11, 2, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 8, [1, 1, 1, 1, 1, 1, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5], [0, 1, 2, 3, 2, 3, 0, 0]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 0, 0]]
+    assert batch["shared_layout"].tolist() == [[3, 2, 3], [2, 2, 2]]
+    assert batch["response_mask"].tolist() == [[True, True], [True, True]]
+    assert batch["source_line"].tolist() == [3, 7]
+    for key in ("input_ids", "attention_mask", "position_ids", "completion_mask", "shared_layout"):
+        assert batch[key].dtype == torch.long, key
+    padded = PreferenceCollator(pad_token_id=0, share_prompt=True, pad_to_multiple_of=5)([ROW_A, ROW_B])
+    assert padded["input_ids"].shape == (2, 10) and padded["attention_mask"][:, 8:].sum() == 0
+
+
+def test_shared_packed_batch_exact_tensors():
+    batch = PreferenceCollator(pad_token_id=0, padding_free=True, share_prompt=True)([ROW_A, ROW_B])
+    assert "attention_mask" not in batch and "cu_seq_lens_q" not in batch  # no varlen kernel may take it
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 2, 8, 9, 2, 1, 5, 10, 2, 11, 2]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 2, 3, 2, 3]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1]]
+    assert batch["shared_layout"].tolist() == [[3, 2, 3], [2, 2, 2]]
+
+
+def test_shared_rows_with_missing_responses_and_ref_logps():
+    ranked = {
+        "prompt_input_ids": [1, 4],
+        "completion_input_ids": [[5, 2], [6, 2], [7, 7, 2]],
+        "source_line": 1,
+        "ref_logps": [-1.0, -2.0, -3.0],
+    }
+    pair = {**ROW_B, "ref_logps": [-0.5, -0.25]}
+    batch = PreferenceCollator(pad_token_id=0, share_prompt=True)([ranked, pair])
+    assert batch["shared_layout"].tolist() == [
+        [2, 2, 2, 3],
+        [2, 2, 2, 0],
+    ]  # the pair's third response: no tokens
+    assert batch["input_ids"].tolist() == [[1, 4, 5, 2, 6, 2, 7, 7, 2], [1, 5, 10, 2, 11, 2, 0, 0, 0]]
+    assert batch["response_mask"].tolist() == [[True, True, True], [True, True, False]]
+    torch.testing.assert_close(batch["ref_logps"], torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.25, 0.0]]))
+
+
+def test_shared_layout_holds_every_unshared_sequence():
+    """Prompt + completion k of row b, read out of the shared rows through the layout, is unshared sequence
+    k*B + b, with its positions."""
+    from hf_dpo.collator import SharedPromptLayout
+
+    rows = [ROW_A, ROW_B, {**ROW_A, "completion_input_ids": [[4, 4, 4, 2]]}]
+    unshared = PreferenceCollator(pad_token_id=0)(rows)
+    for padding_free in (False, True):
+        shared = PreferenceCollator(pad_token_id=0, padding_free=padding_free, share_prompt=True)(rows)
+        layout = SharedPromptLayout.from_batch(shared)
+        assert layout.packed is padding_free and layout.num_rows == 3 and layout.num_completions == 2
+        found = {}
+        for b, row, start, prompt, parts in layout.segments():
+            ids, positions = shared["input_ids"][row], shared["position_ids"][row]
+            for k, begin, length in parts:
+                span = list(range(start, start + prompt)) + list(range(begin, begin + length))
+                found[k * 3 + b] = (ids[span].tolist(), positions[span].tolist())
+        for sequence in range(6):
+            real = unshared["attention_mask"][sequence].bool()
+            if unshared["completion_mask"][sequence].sum() == 0:
+                assert sequence not in found  # the missing response of the third row
+                continue
+            expected = unshared["input_ids"][sequence][real].tolist()
+            assert found[sequence] == (expected, list(range(len(expected)))), sequence

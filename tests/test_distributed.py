@@ -78,7 +78,8 @@ def test_accelerate_configs_pass_accelerate_launch_validation(name, kind, proces
 
 @pytest.fixture(scope="module")
 def runs(tiny_model_path, tmp_path_factory):
-    """The same run twice: 1 process x 8 pairs, and 2 processes x 4 pairs (global batch 8 both times).
+    """The same run twice: 1 process x 8 pairs, and 2 processes x 4 pairs (global batch 8 both times), both
+    sharing prompts (the default); and a third time in 1 process with share_prompt=False (not pushed).
 
     40 rows, 8 held out for evaluation: 4 steps an epoch, 6 steps (so the sampler's second epoch is
     covered), evaluation and a checkpoint (pushed to a fake Hub) every 3 steps.
@@ -88,8 +89,13 @@ def runs(tiny_model_path, tmp_path_factory):
     wrapper = instrumented(root)
     found = {}
     with FakeHub(tokens=[TOKEN]) as hub:
-        for name, launcher, batch in (("one", [sys.executable], 8), ("two", TWO_PROCESSES, 4)):
+        for name, launcher, batch in (
+            ("one", [sys.executable], 8),
+            ("two", TWO_PROCESSES, 4),
+            ("one_unshared", [sys.executable], 8),
+        ):
             out, journal = root / name, root / f"{name}.journal.jsonl"
+            hub_flags = dict(push_to_hub=True, hub_model_id=f"me/{name}", hub_token=TOKEN)
             flags = recipe_flags(
                 tiny_model_path,
                 data,
@@ -100,9 +106,7 @@ def runs(tiny_model_path, tmp_path_factory):
                 eval_strategy="steps",
                 eval_steps=3,
                 save_steps=3,
-                push_to_hub=True,
-                hub_model_id=f"me/{name}",
-                hub_token=TOKEN,
+                **(dict(share_prompt=False) if name == "one_unshared" else hub_flags),
             )
             env = isolated_env(root / f"{name}-env", HF_DPO_TEST_JOURNAL=str(journal), **hub.environment())
             result = run([*launcher, wrapper, RECIPE, *flags], env, timeout=300)
@@ -154,6 +158,27 @@ def test_two_processes_give_the_metrics_and_adapter_of_one(runs):
     assert moved > 10 * TOLERANCE  # training did move the adapter, so the comparison means something
     run_info = json.loads((runs["two"]["out"] / "hf_dpo_run.json").read_text())["training"]
     assert (run_info["world_size"], run_info["per_device_train_batch_size"]) == (2, 4)
+
+
+@pytest.mark.slow
+def test_two_processes_sharing_prompts_match_one_process_repeating_them(runs):
+    """Prompt sharing under DDP (gloo): the 2-process shared run logs the metrics and ends with the adapter of
+    the 1-process run that repeats each prompt before every completion."""
+    batches = {
+        name: [e for e in runs[name]["journal"] if e["event"] == "batch"] for name in ("two", "one_unshared")
+    }
+    assert batches["two"] and all(e["shared"] for e in batches["two"])
+    assert batches["one_unshared"] and not any(e["shared"] for e in batches["one_unshared"])
+    assert "share_prompt is off" not in runs["two"]["result"].stderr
+    shared, unshared = _logged(runs["two"]["out"]), _logged(runs["one_unshared"]["out"])
+    assert shared.keys() == unshared.keys()
+    metric_diff = max(abs(shared[k] - unshared[k]) for k in shared)
+    a, b = adapter(runs["two"]["out"]), adapter(runs["one_unshared"]["out"])
+    adapter_diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(
+        f"2 processes shared vs 1 unshared: max abs difference {metric_diff:.2e} in metrics, {adapter_diff:.2e} in the adapter"
+    )
+    assert metric_diff <= TOLERANCE and adapter_diff <= TOLERANCE
 
 
 @pytest.mark.slow

@@ -78,7 +78,8 @@ def journaled(owner, name, event, describe):
 
 
 journaled(Trainer, "training_step", "batch", lambda self, model, inputs, *a, **k: {
-    "step": self.state.global_step + 1, "rows": inputs["source_line"].tolist()})
+    "step": self.state.global_step + 1, "rows": inputs["source_line"].tolist(),
+    "shared": "shared_layout" in inputs})
 journaled(Trainer, "write_model_card", "card", lambda trainer, folder, *a, **k: {"folder": str(folder)})
 journaled(hf_dpo.hub, "push_folder", "push", lambda folder, repo_id, **k: {"folder": str(folder)})
 journaled(hf_dpo.reference_cache, "_compute_rows", "ref_rows", lambda t, d, indices: {"indices": indices})
