@@ -201,6 +201,11 @@ class DPOTrainer(Trainer):
             else:
                 self.eval_dataset = self._precompute(self.eval_dataset)
 
+    @property
+    def ref_model(self) -> nn.Module | None:
+        """The separate reference model, as in TRL (None when the reference is an adapter of the model)."""
+        return self.reference.model if self.reference.kind == "model" else None
+
     # ---------------------------------------------------------------- data
     @staticmethod
     def _tokenize(dataset, tokenizer, args: DPOConfig, split: str):
