@@ -216,6 +216,18 @@ class DPOConfig(TrainingArguments):
             "help": "Pack the batch's sequences into one row (no compute on padding; attention stays per sequence)."
         },
     )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Batch size of the precompute pass (no gradients: can be larger); default: the eval batch."
+        },
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Token to pad with; default: the tokenizer's pad token, else its EOS (padding is masked)."
+        },
+    )
     share_prompt: bool = field(
         default=True,
         metadata={

@@ -72,7 +72,7 @@ def _compute_rows(trainer, dataset, indices: list[int]) -> list[list[float]]:
         return []
     loader = DataLoader(
         dataset.select(indices),
-        batch_size=trainer.args.per_device_eval_batch_size,
+        batch_size=trainer.args.precompute_ref_batch_size or trainer.args.per_device_eval_batch_size,
         collate_fn=trainer.data_collator,
         shuffle=False,
     )

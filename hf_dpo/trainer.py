@@ -157,7 +157,7 @@ class DPOTrainer(Trainer):
                 eval_dataset = self._tokenize(eval_dataset, processing_class, args, "eval")
         if data_collator is None:
             data_collator = PreferenceCollator(
-                pad_token_id=processing_class.pad_token_id,
+                pad_token_id=_pad_token_id(processing_class, args.pad_token),
                 pad_to_multiple_of=args.pad_to_multiple_of,
                 padding_free=args.padding_free,
                 share_prompt=self.share_prompt,
@@ -585,6 +585,17 @@ def _can_share_prompt(model, ref_model, max_length: int | None) -> bool:
             logger.warning("share_prompt is off for this run: the %s cannot share prompts: %s", name, reason)
             return False
     return True
+
+
+def _pad_token_id(tokenizer, pad_token: str | None) -> int:
+    """The id to pad with (padding is masked out, so any id works): `pad_token`, else the tokenizer's pad
+    token, else its EOS; the tokenizer itself is left as it is."""
+    if pad_token is not None:
+        return tokenizer.convert_tokens_to_ids(pad_token)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad nor an EOS token: pass pad_token=...")
+    return pad
 
 
 def _private_copy(args) -> DPOConfig:

@@ -762,7 +762,7 @@ def test_two_processes_without_use_cpu_train_as_one_job(pairs, tmp_path, launche
             "--nproc_per_node",
             "2",
             "--master_port",
-            "0",
+            str(free_port()),
             str(RECIPE),
             *flags(two, pairs, per_device_train_batch_size=2, **common),
         ],
