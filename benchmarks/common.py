@@ -509,8 +509,7 @@ def _LeanLMTrainer():
     policy pass, so DPO-live / this is the reference forward's cost alone."""
     from transformers import Trainer
 
-    from hf_dpo.logps import sequence_logps_from_hidden
-    from hf_dpo.modeling import fusable_lm_head, lm_head_returns_hidden_states
+    from hf_dpo.logps import fusable_lm_head, lm_head_returns_hidden_states, sequence_logps_from_hidden
 
     class LeanLMTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -24,6 +24,8 @@ before them (`shared_completion_positions`).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -395,3 +397,124 @@ def sequence_logps_from_hidden(
     )
     tokens = token_logps(selected, targets, lm_head_weight, lm_head_bias, chunk_size, with_stats)
     return _reduce(tokens, sequence_index, num_sequences, reduction, ld_alpha, sequence_group)
+
+
+# ----------------------------------------------------------------------------------- one forward of a model
+
+
+def batch_logps(
+    model: torch.nn.Module,
+    batch: dict,
+    *,
+    reduction: str = "sum",
+    chunk_size: int | None = None,
+    with_stats: bool = False,
+    ld_alpha: float | None = None,
+) -> SequenceLogps:
+    """Completion log-probs of every sequence of a collated batch (`hf_dpo.collator`) from ONE forward of
+    `model`: padded rows, one packed row (padding-free), or prompt-shared rows. The LM head is fused in
+    (`fusable_lm_head`) wherever its weight is a plain local tensor, else the model's logits are used."""
+    from .attention import SHARED_LAYOUT_KWARG, require_shared_attention
+    from .collator import SharedPromptLayout
+
+    forward_kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
+    shared = SharedPromptLayout.from_batch(batch) if "shared_layout" in batch else None
+    packed = shared is None and "attention_mask" not in batch
+    if shared is not None:  # one sequence per row: [prompt | completion 0 | ...]
+        require_shared_attention(model)
+        forward_kwargs.update({"position_ids": batch["position_ids"], SHARED_LAYOUT_KWARG: shared})
+    elif packed:  # sequence boundaries for flash-attention's varlen kernels or hf_dpo.attention's varlen sdpa
+        keys = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+        forward_kwargs.update({key: batch[key] for key in keys if key in batch})
+    else:
+        forward_kwargs["attention_mask"] = batch["attention_mask"]
+    common = dict(
+        input_ids=batch["input_ids"],
+        completion_mask=batch["completion_mask"],
+        reduction=reduction,
+        chunk_size=chunk_size,
+        position_ids=batch["position_ids"] if packed else None,
+        with_stats=with_stats,
+        shared_layout=shared,
+    )
+    if ld_alpha is not None:  # LD-DPO needs each sequence's row (completion-major order)
+        rows, k = batch["response_mask"].shape
+        group = torch.arange(rows * k, device=batch["input_ids"].device) % rows
+        common.update(ld_alpha=ld_alpha, sequence_group=group)
+    head = fusable_lm_head(model)
+    if head is None:
+        return sequence_logps(model(**forward_kwargs).logits, **common)
+    with lm_head_returns_hidden_states(head):
+        hidden = model(**forward_kwargs).logits
+    return sequence_logps_from_hidden(hidden, head.weight, lm_head_bias=head.bias, **common)
+
+
+# Model configs whose logits are post-processed after the LM head: the fused head would skip that.
+_LOGIT_POSTPROCESSING = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier_scale",
+)
+
+
+def fusable_lm_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The plain Linear LM head whose input may be taken instead of the logits, or None.
+
+    The head's weight is applied after the model's forward. That is only right when the weight is a whole,
+    local tensor outside the forward: never under DeepSpeed ZeRO-3 (a weight exists only inside its module's
+    forward) or FSDP (a shard, a DTensor or a view into a flat parameter), so the real logits are used there.
+    """
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    chain = [model]  # the wrappers, the peft model and its base model (the head's parent)
+    while isinstance(getattr(chain[-1], "module", None), torch.nn.Module):
+        chain.append(chain[-1].module)
+    inner = chain[-1]
+    if hasattr(inner, "get_base_model"):
+        chain += [inner.base_model, inner.get_base_model()]
+    if is_deepspeed_zero3_enabled() or any(isinstance(module, _fsdp_types()) for module in chain):
+        return None
+    config = getattr(inner, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
+        return None
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear:  # a LoRA-wrapped, quantised or FSDP2-wrapped head: real logits
+        return None
+    if any(_is_sharded(tensor) for tensor in (head.weight, head.bias) if tensor is not None):
+        return None
+    return head
+
+
+def _fsdp_types() -> tuple[type, ...]:
+    """FSDP1's wrapper class and FSDP2's `fully_shard` marker class (empty without distributed support)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:
+        return ()
+    return (FullyShardedDataParallel, FSDPModule)
+
+
+def _is_sharded(tensor: torch.Tensor) -> bool:
+    """A DTensor (FSDP2, tensor parallel), an FSDP1 flat parameter, or a DeepSpeed ZeRO-3 partitioned one."""
+    if hasattr(tensor, "ds_id") or type(tensor).__name__ == "FlatParameter":
+        return True
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
+
+
+@contextlib.contextmanager
+def lm_head_returns_hidden_states(head: torch.nn.Linear) -> Iterator[None]:
+    """Make the LM head the identity for one forward, so the model's `logits` are its final hidden states.
+
+    The forward still goes through the (possibly DDP-wrapped) model, so hooks and gradient sync are intact;
+    the head is then applied chunked, to the completion positions only.
+    """
+    head.forward = lambda hidden_states: hidden_states  # instance attribute shadows the class method
+    try:
+        yield
+    finally:
+        del head.forward

@@ -21,9 +21,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 
 from .attention import (
-    SHARED_LAYOUT_KWARG,
     prompt_sharing_unsupported,
-    require_shared_attention,
     use_varlen_attention,
 )
 from .callbacks import (
@@ -35,17 +33,15 @@ from .callbacks import (
     as_save_error,
     resolve_resume_checkpoint,
 )
-from .collator import PreferenceCollator, SharedPromptLayout
+from .collator import PreferenceCollator
 from .config import DPOConfig, ModelArguments
-from .logps import SequenceLogps, sequence_logps, sequence_logps_from_hidden
+from .logps import SequenceLogps, batch_logps
 from .losses import LOSSES, LossSpec, preference_loss
 from .modeling import (
     REFERENCE_ADAPTER,
     attach_adapter,
     choose_reference,
     describe_quantization,
-    fusable_lm_head,
-    lm_head_returns_hidden_states,
     load_model,
     load_tokenizer,
     prepare_model,
@@ -241,47 +237,18 @@ class DPOTrainer(Trainer):
         return describe_rows(self.train_dataset, lines) if lines else "data rows unknown"
 
     # ---------------------------------------------------------------- forward passes
-    def sequence_logps(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor], with_stats: bool = True
-    ) -> SequenceLogps:
+    def sequence_logps(self, model: nn.Module, inputs: dict, with_stats: bool = True) -> SequenceLogps:
         """Completion log-probs of every sequence in the batch from ONE forward of `model`: (B*K,) tensors,
         with the per-token statistics (entropy, top-1, WPO's log sum p^2) unless `with_stats` is False."""
-        forward_kwargs = {"input_ids": inputs["input_ids"], "use_cache": False}
-        position_ids = inputs.get("position_ids")
-        shared = SharedPromptLayout.from_batch(inputs) if "shared_layout" in inputs else None
-        if shared is not None:  # one sequence per row: [prompt | completion 0 | ...] (hf_dpo.collator)
-            require_shared_attention(model)
-            forward_kwargs["position_ids"] = position_ids
-            forward_kwargs[SHARED_LAYOUT_KWARG] = shared
-        elif self.args.padding_free:
-            forward_kwargs["position_ids"] = position_ids
-            # Sequence boundaries for flash-attention's varlen kernels or hf_dpo.attention's varlen sdpa.
-            for key in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
-                if key in inputs:
-                    forward_kwargs[key] = inputs[key]
-        else:
-            forward_kwargs["attention_mask"] = inputs["attention_mask"]
-        common = dict(
-            input_ids=inputs["input_ids"],
-            completion_mask=inputs["completion_mask"],
-            reduction=self.args.logp_reduction,
-            chunk_size=self.args.logp_chunk_size,
-            position_ids=position_ids if self.args.padding_free else None,
+        args = self.args
+        return batch_logps(
+            model,
+            inputs,
+            reduction=args.logp_reduction,
+            chunk_size=args.logp_chunk_size,
             with_stats=with_stats,
-            shared_layout=shared,
+            ld_alpha=args.ld_alpha,
         )
-        if self.args.ld_alpha is not None:  # LD-DPO needs each sequence's row (completion-major order)
-            rows, k = inputs["response_mask"].shape
-            common.update(
-                ld_alpha=self.args.ld_alpha,
-                sequence_group=torch.arange(rows * k, device=inputs["input_ids"].device) % rows,
-            )
-        head = fusable_lm_head(model)
-        if head is None:
-            return sequence_logps(model(**forward_kwargs).logits, **common)
-        with lm_head_returns_hidden_states(head):
-            hidden = model(**forward_kwargs).logits
-        return sequence_logps_from_hidden(hidden, head.weight, lm_head_bias=head.bias, **common)
 
     def reference_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Reference log-probs, shape (B, K): precomputed, or from the reference policy under no_grad; None

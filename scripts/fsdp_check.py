@@ -74,7 +74,8 @@ def run(args) -> dict | None:
 
     from hf_dpo.config import DPOConfig, ModelArguments
     from hf_dpo.data import bundled_data_path, load_preference_data
-    from hf_dpo.modeling import fusable_lm_head, load_model
+    from hf_dpo.logps import fusable_lm_head
+    from hf_dpo.modeling import load_model
     from hf_dpo.tiny import resolve_model_path
     from hf_dpo.trainer import METRIC_NAMES, DPOTrainer
 

@@ -514,8 +514,12 @@ def check_fused_head(plan: Plan, trainer) -> dict:
     import torch
 
     from hf_dpo.collator import PreferenceCollator
-    from hf_dpo.logps import sequence_logps, sequence_logps_from_hidden
-    from hf_dpo.modeling import fusable_lm_head, lm_head_returns_hidden_states
+    from hf_dpo.logps import (
+        fusable_lm_head,
+        lm_head_returns_hidden_states,
+        sequence_logps,
+        sequence_logps_from_hidden,
+    )
 
     model = trainer.model
     batch = batch_of(trainer, collator=PreferenceCollator(pad_token_id=trainer.processing_class.pad_token_id))

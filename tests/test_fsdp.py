@@ -5,7 +5,7 @@ The fused head reads `lm_head.weight` after the model's forward. Under FSDP that
 into a flat parameter, depending on the FSDP version and on whether the root resharded after its forward: with
 `reshard_after_forward=True` on the root (what accelerate's FSDP2 plugin passes) the fused matmul fails with
 "aten.mm.default got mixed torch.Tensor and DTensor"; with torch's default it happens to read the unsharded
-weight. `hf_dpo.modeling.fusable_lm_head` therefore answers None for any FSDP-managed model.
+weight. `hf_dpo.logps.fusable_lm_head` therefore answers None for any FSDP-managed model.
 
 accelerate 1.15 cannot run FSDP on CPU (an FSDP config becomes plain gloo data parallel there, with no error)
 and torch's FSDP1 wrapper refuses CPU, so the 2-process run is scripts/fsdp_check.py: FSDP2 `fully_shard` applied
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hf_dpo.modeling import fusable_lm_head
+from hf_dpo.logps import fusable_lm_head
 from hf_dpo.tiny import build_tiny_model
 from hf_dpo.trainer import METRIC_NAMES
 

@@ -154,7 +154,7 @@ def test_fsdp1_wrapped_model_has_no_fused_head(tmp_path):
     import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    from hf_dpo.modeling import fusable_lm_head
+    from hf_dpo.logps import fusable_lm_head
     from hf_dpo.tiny import build_tiny_model
 
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
