@@ -23,8 +23,7 @@ logger = logging.getLogger(__name__)
 
 REFERENCE_ADAPTER = "reference"  # the frozen copy of a trained adapter that the trainer adds
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_DTYPES.update(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # short names people type
 _PREPARED: weakref.WeakSet = weakref.WeakSet()  # models prepare_model has already seen
 
 
@@ -32,22 +31,15 @@ _PREPARED: weakref.WeakSet = weakref.WeakSet()  # models prepare_model has alrea
 class LoadedModel:
     model: nn.Module  # a peft.PeftModel
     tokenizer: object
-    base_model_name: str  # what the user asked for (a Hub id or path), for the model card
-    quantization: str  # e.g. "4-bit nf4 (compute float32)"
 
 
 def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
+    name = _DTYPES.get(name, name)
     if name in (None, "auto"):
         return default
-    if name not in _DTYPES:
+    if name not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"unknown dtype {name!r}; choose one of auto, bfloat16, float16, float32")
-    return _DTYPES[name]
-
-
-def pick_device(use_cpu: bool = False) -> torch.device:
-    if not use_cpu and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    return getattr(torch, name)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str = "main"):
@@ -56,22 +48,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model_path(name_or_path), trust_remote_code=trust_remote_code, revision=revision
     )
-    if tokenizer.pad_token_id is None:
-        # Padding is masked out everywhere, so any id will do; EOS is the usual choice.
+    if tokenizer.pad_token_id is None:  # padding is masked out everywhere: EOS is the usual choice
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def lora_config_from(model_args: ModelArguments):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=model_args.lora_r,
-        lora_alpha=model_args.lora_alpha,
-        lora_dropout=model_args.lora_dropout,
-        target_modules=model_args.lora_target_modules or "all-linear",
-        task_type="CAUSAL_LM",
-    )
 
 
 def load_model(
@@ -85,14 +64,15 @@ def load_model(
     """Load the base model (4-bit, 8-bit or full precision) and attach a LoRA adapter to train: a new one
     (`peft_config`, else the `lora_*` fields), or `adapter_name_or_path` to continue (the trainer then makes
     a frozen copy of it the reference policy)."""
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    device = pick_device(use_cpu)
-    on_gpu = device.type == "cuda"
-    default_compute = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
-    compute_dtype = _dtype(model_args.bnb_4bit_compute_dtype, default_compute)
-    weights_dtype = _dtype(model_args.torch_dtype, compute_dtype)
+    on_gpu = not use_cpu and torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
+    compute_dtype = _dtype(
+        model_args.bnb_4bit_compute_dtype,
+        torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32,
+    )
     quantization_config = None
     if model_args.load_in_8bit:
         quantization_config = BitsAndBytesConfig(load_in_8bit=True)
@@ -110,7 +90,7 @@ def load_model(
         resolve_model_path(model_args.model_name_or_path),
         revision=model_args.model_revision,
         quantization_config=quantization_config,
-        dtype=weights_dtype,
+        dtype=_dtype(model_args.torch_dtype, compute_dtype),
         # ZeRO-3 partitions the weights itself: a device_map would place whole copies on every rank.
         device_map=None if is_deepspeed_zero3_enabled() else {"": device},
         trust_remote_code=model_args.trust_remote_code,
@@ -125,12 +105,14 @@ def load_model(
         with _peft_reads_a_deprecated_property():
             model = PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
     else:
-        model = attach_adapter(
-            model,
-            peft_config or lora_config_from(model_args),
-            gradient_checkpointing,
-            gradient_checkpointing_kwargs,
+        peft_config = peft_config or LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules or "all-linear",
+            task_type="CAUSAL_LM",
         )
+        model = attach_adapter(model, peft_config, gradient_checkpointing, gradient_checkpointing_kwargs)
     guard_cpu_4bit_repacking(model)
     tokenizer = load_tokenizer(
         model_args.tokenizer_name_or_path or model_args.model_name_or_path,
@@ -139,14 +121,13 @@ def load_model(
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(
-        "hf_dpo model: %s on %s, quantization %s, LoRA trainable %d of %d params",
+        "hf_dpo model: %s on %s, quantization %s, LoRA trainable %d params",
         model_args.model_name_or_path,
         device,
         describe_quantization(model),
         trainable,
-        sum(p.numel() for p in model.parameters()),
     )
-    return LoadedModel(model, tokenizer, model_args.model_name_or_path, describe_quantization(model))
+    return LoadedModel(model, tokenizer)
 
 
 def _prepare_kbit(model: nn.Module, gradient_checkpointing: bool, kwargs: dict | None) -> None:
