@@ -18,109 +18,67 @@ from .tiny import TINY_MODEL_NAME
 logger = logging.getLogger(__name__)
 
 
+def _arg(default, help: str):
+    """A field with its --help text (a list default is copied for each instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelArguments:
     """Which base model to load, how to quantise it, and the LoRA adapter to train."""
 
-    model_name_or_path: str = field(
-        default=TINY_MODEL_NAME,
-        metadata={
-            "help": f"Base causal LM: a Hub id or a local folder. '{TINY_MODEL_NAME}' builds a tiny local "
-            "smoke-test model (no network)."
-        },
+    model_name_or_path: str = _arg(
+        TINY_MODEL_NAME, f"Base causal LM: a Hub id or a folder; '{TINY_MODEL_NAME}' builds a tiny local one."
     )
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer to use; defaults to the model's own."}
+    tokenizer_name_or_path: str | None = _arg(None, "Tokenizer to use; defaults to the model's own.")
+    adapter_name_or_path: str | None = _arg(
+        None,
+        "Continue this LoRA adapter (e.g. an SFT one); a frozen copy of it is then the reference policy.",
     )
-    adapter_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Continue from this LoRA adapter (e.g. an SFT adapter). It is then also the frozen reference "
-            "policy, instead of the bare base model."
-        },
+    model_revision: str = _arg("main", "Branch, tag or commit of the model on the Hub.")
+    load_in_4bit: bool = _arg(True, "Quantise the base model to 4 bits with bitsandbytes (QLoRA).")
+    load_in_8bit: bool = _arg(False, "Quantise the base model to 8 bits instead (turns 4-bit off).")
+    bnb_4bit_quant_type: str = _arg("nf4", "4-bit data type: 'nf4' (QLoRA paper; better) or 'fp4'.")
+    bnb_4bit_compute_dtype: str = _arg(
+        "auto", "dtype of 4-bit matmuls: bfloat16, float16, float32, or auto (bf16 on GPUs that have it)."
     )
-    model_revision: str = field(
-        default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."}
+    use_bnb_nested_quant: bool = _arg(
+        False, "Also quantise the quantisation constants (~0.4 bit/param less)."
     )
-    load_in_4bit: bool = field(
-        default=True, metadata={"help": "Quantise the base model to 4 bits with bitsandbytes (QLoRA)."}
+    torch_dtype: str = _arg("auto", "dtype of the other weights: auto (the compute dtype), bfloat16, ...")
+    attn_implementation: str | None = _arg(None, "eager, sdpa, flash_attention_2; default: the model's.")
+    lora_r: int = _arg(16, "LoRA rank: higher adapts more, costs more memory.")
+    lora_alpha: int = _arg(32, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = _arg(
+        0.05, "Dropout on the trained LoRA adapter's input (kept under disable_dropout)."
     )
-    load_in_8bit: bool = field(
-        default=False, metadata={"help": "Quantise the base model to 8 bits instead (turns 4-bit off)."}
+    lora_target_modules: list[str] | None = _arg(
+        None, "Modules to adapt; default: every linear but the head."
     )
-    bnb_4bit_quant_type: str = field(
-        default="nf4", metadata={"help": "4-bit data type: 'nf4' (QLoRA paper; better) or 'fp4'."}
-    )
-    bnb_4bit_compute_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype of 4-bit matmuls: bfloat16, float16, float32, or auto (bf16 on GPUs that have it, "
-            "else fp32)."
-        },
-    )
-    use_bnb_nested_quant: bool = field(
-        default=False, metadata={"help": "Also quantise the quantisation constants (saves ~0.4 bit/param)."}
-    )
-    torch_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype of the non-quantised weights: auto (the compute dtype), bfloat16, float16, float32."
-        },
-    )
-    attn_implementation: str | None = field(
-        default=None,
-        metadata={"help": "Attention kernel: eager, sdpa, flash_attention_2; default: the model's."},
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank: higher adapts more, costs more memory."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
-    lora_dropout: float = field(
-        default=0.05,
-        metadata={"help": "Dropout on the input of the trained LoRA adapter (kept under disable_dropout)."},
-    )
-    lora_target_modules: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Module names to adapt; default: all linear layers except the LM head ('all-linear')."
-        },
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run model code from the Hub repo. Off unless you trust the repo."}
-    )
+    trust_remote_code: bool = _arg(False, "Run model code from the Hub repo. Off unless you trust the repo.")
 
 
 @dataclass
 class DataArguments:
     """Where the preference data comes from and how its columns are named."""
 
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "A datasets id, a local file (.jsonl/.json/.parquet/.csv) or folder; default: the bundled "
-            "data/dpo_data.jsonl."
-        },
+    dataset_name: str | None = _arg(
+        None, "A datasets id, a .jsonl/.json/.parquet/.csv file or a folder; default: the bundled sample."
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "The datasets config (subset) name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str | None = field(default=None, metadata={"help": "Split to evaluate on, if any."})
-    dataset_test_size: float | None = field(
-        default=None,
-        metadata={
-            "help": "Hold out this fraction (< 1) or count (>= 1) of the train split for evaluation, fixed seed."
-        },
+    dataset_config: str | None = _arg(None, "The datasets config (subset) name.")
+    dataset_train_split: str = _arg("train", "Split to train on.")
+    dataset_test_split: str | None = _arg(None, "Split to evaluate on, if any.")
+    dataset_test_size: float | None = _arg(
+        None, "Hold out this fraction (< 1) or count (>= 1) of the train split for evaluation (seeded)."
     )
-    prompt_field: str = field(default="prompt", metadata={"help": "Column holding the prompt."})
-    chosen_field: str | None = field(
-        default=None, metadata={"help": "Column holding the preferred text; default 'chosen' or 'chose'."}
-    )
-    rejected_field: str = field(
-        default="rejected", metadata={"help": "Column holding the dispreferred text."}
-    )
-    ranked_mode: str = field(
-        default="plackett_luce",
-        metadata={
-            "help": "Ranked rows (prompt, responses[K]): keep K-way for plackett_luce, or 'pairs' to expand "
-            "into all ordered pairs."
-        },
+    prompt_field: str = _arg("prompt", "Column holding the prompt.")
+    chosen_field: str | None = _arg(None, "Column holding the preferred text; default 'chosen' or 'chose'.")
+    rejected_field: str = _arg("rejected", "Column holding the dispreferred text.")
+    ranked_mode: str = _arg(
+        "plackett_luce",
+        "Ranked rows: K-way as they are (plackett_luce), or 'pairs' to expand into all pairs.",
     )
 
 
@@ -128,174 +86,101 @@ class DataArguments:
 class DPOConfig(TrainingArguments):
     """TrainingArguments plus the DPO settings. Every TrainingArguments field works unchanged."""
 
-    beta: float = field(
-        default=0.1,
-        metadata={"help": "KL strength: higher keeps the policy closer to the reference (typ. 0.01-0.5)."},
+    beta: float = _arg(0.1, "KL strength: higher keeps the policy closer to the reference (typ. 0.01-0.5).")
+    # ---- the loss (hf_dpo.losses.LOSSES says which loss reads which option)
+    loss_type: list[str] = _arg(
+        ["sigmoid"],
+        f"Loss, or several summed with loss_weights (--loss_type sigmoid sft): {', '.join(LOSS_TYPES)}.",
     )
-    # ---- the loss (see hf_dpo.losses.LOSSES for which loss reads which option)
-    loss_type: list[str] = field(
-        default_factory=lambda: ["sigmoid"],
-        metadata={
-            "help": "Preference loss, or several combined with loss_weights (`--loss_type sigmoid sft`): "
-            f"{', '.join(LOSS_TYPES)}."
-        },
+    loss_weights: list[float] | None = _arg(None, "One weight per loss_type entry; default 1 each.")
+    label_smoothing: float = _arg(
+        0.0,
+        "Label noise eps in [0, 0.5): cDPO for sigmoid, sigmoid_norm, simpo, aot(_unpaired); the flip rate for "
+        "robust; EXO's eps for exo_pair (needed there, e.g. 1e-3). 0 is plain DPO.",
     )
-    loss_weights: list[float] | None = field(
-        default=None,
-        metadata={"help": "One weight per loss_type entry (the loss is their weighted sum); default 1 each."},
+    f_divergence_type: str = _arg(
+        "reverse_kl", "f-DPO divergence: reverse_kl (DPO), forward_kl, js_divergence, alpha_divergence."
     )
-    label_smoothing: float = field(
-        default=0.0,
-        metadata={
-            "help": "Label noise eps in [0, 0.5): cDPO for sigmoid, sigmoid_norm, simpo, aot, "
-            "aot_unpaired; the flip rate for robust; EXO's eps for exo_pair (needed there, e.g. 1e-3). "
-            "0 is plain DPO."
-        },
+    f_alpha_divergence_coef: float = _arg(
+        0.5, "alpha in (0, 1) of alpha_divergence (0: reverse KL, 1: forward)."
     )
-    f_divergence_type: str = field(
-        default="reverse_kl",
-        metadata={
-            "help": "Divergence from the reference (f-DPO): reverse_kl (DPO), forward_kl, js_divergence, "
-            "alpha_divergence; other than reverse_kl only for losses on the chosen-rejected score."
-        },
+    ld_alpha: float | None = _arg(
+        None, "LD-DPO: weight in [0, 1] of the tokens beyond the shorter completion; None is 1 (plain DPO)."
     )
-    f_alpha_divergence_coef: float = field(
-        default=0.5,
-        metadata={"help": "alpha in (0, 1) of alpha_divergence: towards 0 reverse KL, towards 1 forward KL."},
+    use_weighting: bool = _arg(False, "WPO: weight each pair by how likely the policy is to produce it.")
+    discopop_tau: float = _arg(0.05, "Temperature of the discopop loss (paper: 0.05).")
+    simpo_gamma: float = _arg(0.5, "Target reward margin of the simpo loss (with beta ~2, as in SimPO).")
+    reference_free: bool = _arg(False, "Take the reference log-probs as 0 (no reference model).")
+    logp_reduction: str = _arg(
+        "sum", "Sequence log-prob: 'sum' over completion tokens (the paper) or 'mean'."
     )
-    ld_alpha: float | None = field(
-        default=None,
-        metadata={
-            "help": "LD-DPO: weight in [0, 1] of the tokens beyond the shorter completion (policy and "
-            "reference); lower counts length less. None (default) is 1."
-        },
+    # ---- lengths and batches
+    max_length: int | None = _arg(
+        1024,
+        "Max tokens of prompt + longest completion; longer rows are cut (prompt from the left, then "
+        "completions from the right). None: no limit.",
     )
-    use_weighting: bool = field(
-        default=False,
-        metadata={"help": "WPO: weight each pair by how likely the policy is to produce its completions."},
+    max_prompt_length: int | None = _arg(
+        None,
+        "Prompt tokens kept (its end) when a row is over max_length. Unset: the prompt is cut only as far "
+        "as the completions need, never below max_length // 2.",
     )
-    discopop_tau: float = field(
-        default=0.05, metadata={"help": "Temperature of the discopop loss (paper: 0.05)."}
+    padding_free: bool = _arg(
+        False, "Pack a batch into one row: no compute on padding (attention per sequence)."
     )
-    simpo_gamma: float = field(
-        default=0.5,
-        metadata={"help": "Target reward margin of the simpo loss (with beta ~2 as in the SimPO paper)."},
+    pad_to_multiple_of: int | None = _arg(
+        None, "Round padded batch length up to a multiple of this (e.g. 8)."
     )
-    # ---- end of the loss block
-    reference_free: bool = field(
-        default=False, metadata={"help": "Take the reference log-probs as 0 (no reference model)."}
+    pad_token: str | None = _arg(None, "Token to pad with; default: the tokenizer's pad token, else EOS.")
+    share_prompt: bool = _arg(
+        True,
+        "Read each prompt once for all its completions ([prompt | chosen | rejected], each completion "
+        "seeing the prompt and itself): same log-probs, faster the longer the prompt. Off by itself, with one "
+        "log line, where the model's attention cannot do it.",
     )
-    logp_reduction: str = field(
-        default="sum",
-        metadata={"help": "Sequence log-prob: 'sum' over completion tokens (the paper) or 'mean' per token."},
+    dataset_num_proc: int | None = _arg(None, "Processes for tokenisation.")
+    logp_chunk_size: int | None = _arg(
+        None, "Positions per chunk of the LM head; lower saves memory (64 MiB)."
     )
-    max_length: int | None = field(
-        default=1024,
-        metadata={
-            "help": "Max tokens of prompt + longest completion; longer rows are cut (the prompt from the left, then "
-            "the completions from the right). None: no limit."
-        },
+    # ---- the reference
+    precompute_ref_log_probs: bool = _arg(
+        False,
+        "Compute reference log-probs once before training (cached on disk): no reference forward in steps.",
     )
-    max_prompt_length: int | None = field(
-        default=None,
-        metadata={
-            "help": "Prompt tokens kept (its end) when a row is over max_length. Unset: the prompt is cut only as far "
-            "as the completions need, never below max_length // 2."
-        },
+    precompute_ref_batch_size: int | None = _arg(
+        None, "Batch size of the precompute pass; default: eval batch."
     )
-    precompute_ref_log_probs: bool = field(
-        default=False,
-        metadata={
-            "help": "Compute reference log-probs once before training (cached on disk); steps then run no "
-            "reference forward."
-        },
+    ref_adapter_name: str | None = _arg(
+        None,
+        "Adapter of the model (model.load_adapter) to use as the frozen reference; default: the base "
+        "model for a fresh adapter, a frozen copy for an already trained one.",
     )
-    padding_free: bool = field(
-        default=False,
-        metadata={
-            "help": "Pack the batch's sequences into one row (no compute on padding; attention stays per sequence)."
-        },
+    disable_dropout: bool = _arg(
+        True, "Dropout 0 so policy and reference passes agree (the trained adapter keeps lora_dropout)."
     )
-    precompute_ref_batch_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Batch size of the precompute pass (no gradients: can be larger); default: the eval batch."
-        },
+    # ---- faults and publishing
+    nonfinite_action: str = _arg(
+        "stop", "On a non-finite loss or gradient: 'stop' the run, or 'skip' the batch."
     )
-    pad_token: str | None = field(
-        default=None,
-        metadata={
-            "help": "Token to pad with; default: the tokenizer's pad token, else its EOS (padding is masked)."
-        },
-    )
-    share_prompt: bool = field(
-        default=True,
-        metadata={
-            "help": "Read each prompt once for all its completions ([prompt | chosen | rejected] in one sequence, "
-            "each completion attending to the prompt and itself): same log-probs, faster the longer the prompts "
-            "and the more responses per prompt. Off by itself where the model's attention cannot do it (one "
-            "log line says why); --share_prompt false turns it off."
-        },
-    )
-    disable_dropout: bool = field(
-        default=True,
-        metadata={
-            "help": "Set the model's dropout to 0 so policy and reference passes agree (the trained adapter keeps "
-            "lora_dropout: the reference never runs it)."
-        },
-    )
-    ref_adapter_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Use this adapter of the model (loaded with model.load_adapter) as the frozen reference "
-            "policy. Default: the base model for a fresh adapter, a frozen copy for an already trained one."
-        },
-    )
-    pad_to_multiple_of: int | None = field(
-        default=None, metadata={"help": "Round padded batch length up to a multiple of this (e.g. 8)."}
-    )
-    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
-    logp_chunk_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Positions per chunk of the LM head + log-softmax; lower saves memory. Default: 64 MiB "
-            "of fp32 per chunk."
-        },
-    )
-    nonfinite_action: str = field(
-        default="stop",
-        metadata={
-            "help": "On a non-finite loss or gradient: 'stop' the run (keeping the last checkpoint) or 'skip' "
-            "the batch (counted in the logs)."
-        },
-    )
-    model_card_template: str | None = field(
-        default=None,
-        metadata={"help": "Path to your own model card template; default: model_card_template.md."},
+    model_card_template: str | None = _arg(
+        None, "Your own model card template; default: model_card_template.md."
     )
     # Defaults that differ from TrainingArguments: our batches carry columns the model does not know.
-    remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep dataset columns (the collator needs them)."}
-    )
-    logging_steps: float = field(default=10, metadata={"help": "Log every N update steps."})
+    remove_unused_columns: bool = _arg(False, "Keep dataset columns (the collator needs them).")
+    logging_steps: float = _arg(10, "Log every N update steps.")
 
     def __post_init__(self):
-        if _launched_processes() > 1 and not self.use_cpu and not _has_accelerator():
+        launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if launched > 1 and not self.use_cpu and not _has_accelerator():
             # torchrun / accelerate launch on a machine without GPUs: one data-parallel job on CPU (gloo), never
             # N independent runs writing the same output_dir.
-            logger.info(
-                "%d processes and no GPU: training data-parallel on CPU (use_cpu)", _launched_processes()
-            )
+            logger.info("%d processes and no GPU: training data-parallel on CPU (use_cpu)", launched)
             self.use_cpu = True
         super().__post_init__()
         refuse_ignored_options(self)
         if self.gradient_checkpointing and self.gradient_checkpointing_kwargs is None:
             # Non-reentrant checkpointing works with frozen 4-bit weights and LoRA.
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
-
-
-def _launched_processes() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def _has_accelerator() -> bool:
@@ -307,29 +192,26 @@ def _has_accelerator() -> bool:
 def refuse_ignored_options(args: DPOConfig) -> None:
     """Raise ValueError naming the options for a setting that would be ignored or cannot work together.
     Which loss reads which option is losses.py's knowledge (validate_loss_options)."""
+    loss_options = (
+        "beta",
+        "label_smoothing",
+        "reference_free",
+        "f_divergence_type",
+        "f_alpha_divergence_coef",
+    )
+    loss_options += ("ld_alpha", "use_weighting", "discopop_tau", "simpo_gamma", "logp_reduction")
     args.loss_type = validate_loss_options(
         args.loss_type,
         args.loss_weights,
-        beta=args.beta,
-        label_smoothing=args.label_smoothing,
-        reference_free=args.reference_free,
-        f_divergence_type=args.f_divergence_type,
-        f_alpha_divergence_coef=args.f_alpha_divergence_coef,
-        ld_alpha=args.ld_alpha,
-        use_weighting=args.use_weighting,
-        discopop_tau=args.discopop_tau,
-        simpo_gamma=args.simpo_gamma,
-        logp_reduction=args.logp_reduction,
         precompute_ref_log_probs=args.precompute_ref_log_probs,
+        **{name: getattr(args, name) for name in loss_options},
     )
-    choices = {"logp_reduction": ("sum", "mean"), "nonfinite_action": ("stop", "skip")}
-    for name, allowed in choices.items():
+    for name, allowed in {"logp_reduction": ("sum", "mean"), "nonfinite_action": ("stop", "skip")}.items():
         if getattr(args, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}")
     for name in ("max_length", "max_prompt_length", "pad_to_multiple_of", "logp_chunk_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be a positive number or unset, got {value}")
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"{name} must be a positive number or unset, got {getattr(args, name)}")
     if args.max_prompt_length is not None and args.max_length is None:
         raise ValueError(
             "max_prompt_length has no effect without max_length (nothing is cut); set max_length"
@@ -339,9 +221,9 @@ def refuse_ignored_options(args: DPOConfig) -> None:
             f"max_prompt_length ({args.max_prompt_length}) must be smaller than max_length ({args.max_length}), "
             "or unset it: the prompt is then cut only as far as the completions need"
         )
-    conflicts = [
+    conflicts = [  # (refused, the option that would be ignored, the setting that makes it so, why)
         (
-            args.padding_free and args.pad_to_multiple_of is not None,
+            args.padding_free and args.pad_to_multiple_of,
             "pad_to_multiple_of",
             "padding_free",
             "nothing is padded",
@@ -350,15 +232,12 @@ def refuse_ignored_options(args: DPOConfig) -> None:
             args.reference_free and args.precompute_ref_log_probs,
             "precompute_ref_log_probs",
             "reference_free",
-            "there is no reference",
+            "",
         ),
-        (
-            args.reference_free and args.ref_adapter_name is not None,
-            "ref_adapter_name",
-            "reference_free",
-            "there is no reference",
-        ),
+        (args.reference_free and args.ref_adapter_name, "ref_adapter_name", "reference_free", ""),
     ]
-    for conflict, ignored, setting, why in conflicts:
-        if conflict:
-            raise ValueError(f"{ignored} has no effect with {setting} ({why}); unset one of them")
+    for refused, ignored, setting, why in conflicts:
+        if refused:
+            raise ValueError(
+                f"{ignored} has no effect with {setting} ({why or 'there is no reference'}); unset one"
+            )
