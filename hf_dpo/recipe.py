@@ -79,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
             eval_dataset=splits.get("test"),
             processing_class=loaded.tokenizer,
         )
-        trainer.datasets_used = [data_args.dataset_name or str(bundled_data_path())]
 
     with resume_hint(argv):  # a full disk while saving: exit 5 with the command that resumes
         # 5. Train (resuming from the last complete checkpoint if asked), then save the metrics.

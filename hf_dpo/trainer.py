@@ -1,30 +1,31 @@
 """DPOTrainer: a transformers.Trainer whose loss is DPO.
 
-One training step runs ONE policy forward over the concatenated [chosen; rejected] rows (B*K rows for K
-ranked responses), then gets the reference log-probs from the same model with the LoRA adapter disabled
-under no_grad (or from a frozen reference adapter, a separate model, or precomputed columns). The loss itself
-is `losses.preference_loss`; this module wires data, model, metrics and publishing together through
-transformers' public hooks (compute_loss, log, save_model, create_model_card, push_to_hub, callbacks).
+One training step runs ONE policy forward over the batch's sequences (each prompt shared by its completions,
+or [chosen; rejected] rows), then gets the reference log-probs from the same model with the LoRA adapter
+disabled under no_grad (or from a frozen reference adapter, a separate model, or precomputed columns). The loss
+itself is `losses.preference_loss`; this module wires data, model, metrics and publishing together through
+transformers' public hooks (compute_loss, log, training_step, save_model, create_model_card, push_to_hub and
+callbacks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import os
+import shutil
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .attention import (
-    prompt_sharing_unsupported,
-    use_varlen_attention,
-)
-from .callbacks import (
+from .attention import prompt_sharing_unsupported, use_varlen_attention
+from .callbacks import (  # noqa: F401 (public names)
     CheckpointMarker,
     HubPushAtSave,
     NonFiniteGuard,
@@ -51,20 +52,12 @@ from .modeling import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DPOTrainer", "NonFiniteLossError", "SaveError"]
-
-METRIC_NAMES = (
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-    "entropy",  # mean per-token entropy of the next-token distribution, chosen and rejected completions
-    "mean_token_accuracy",  # top-1 accuracy on the chosen completion tokens
-)
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen")
+METRIC_NAMES += ("logps/rejected", "logits/chosen", "logits/rejected")
+# Per-token means: the entropy of the next-token distribution over chosen and rejected completion tokens, and
+# the top-1 accuracy on chosen completion tokens.
+METRIC_NAMES += ("entropy", "mean_token_accuracy")
+_CARD_SETTINGS = ["loss_type", "beta", "label_smoothing", "reference_free", "logp_reduction", "learning_rate", "lr_scheduler_type", "optim", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length", "precompute_ref_log_probs", "padding_free", "gradient_checkpointing", "seed"]
 
 
 class DPOTrainer(Trainer):
@@ -73,16 +66,14 @@ class DPOTrainer(Trainer):
     Takes what a transformers or TRL user already has:
         model: a peft model, a plain causal LM (with `peft_config`, or `ref_model`, or neither for full
             fine-tuning against a frozen copy), or a model id / path loaded with `hf_dpo.load_model`.
-        ref_model: a separate reference model. Default: chosen from the model (see
-            `hf_dpo.modeling.choose_reference`): a fresh adapter is compared with the model without adapter, an
-            already trained adapter with a frozen copy of itself, `args.ref_adapter_name` with that adapter.
+        ref_model: a separate reference model. Default: chosen from the model (`modeling.choose_reference`): a
+            fresh adapter is compared with the model without adapter, an already trained adapter with a
+            frozen copy of itself, `args.ref_adapter_name` with that adapter.
         args: a DPOConfig, or a plain TrainingArguments (used with the DPO defaults). Never modified: the
             trainer works on a copy, which holds no Hub token.
-        train_dataset / eval_dataset: rows in any hf_dpo record format (tokenised here with
-            `processing_class`, default: the model's tokenizer), or rows already tokenised by
-            `hf_dpo.tokenize_preference_dataset`. eval_dataset may be a dict of named splits.
-        peft_config: a peft LoraConfig to attach to a plain model (quantised models are prepared for k-bit
-            training first).
+        train_dataset / eval_dataset: rows in any hf_dpo record format (tokenised here with `processing_class`,
+            default: the model's tokenizer), or tokenised rows; eval_dataset may be a dict of named splits.
+        peft_config: a peft LoraConfig to attach to a plain model (a quantised one is prepared for it first).
     """
 
     def __init__(
@@ -103,62 +94,55 @@ class DPOTrainer(Trainer):
         args = _private_copy(args)
         # The Hub token stays in memory only: never in training_args.bin or anything else written to disk.
         self._hub_token, args.hub_token = args.hub_token, None
-        # transformers' own pushes (which publish training_args.bin and its generic card) stay off: every
-        # push goes through push_to_hub / HubPushAtSave below, with the strategy the user chose.
-        self._hub_strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
-        args.hub_strategy = "end"
+        # transformers' own pushes (which publish training_args.bin and its generic card) stay off: every push
+        # goes through push_to_hub / HubPushAtSave, with the strategy the user chose.
+        self._hub_strategy, args.hub_strategy = (
+            str(getattr(args.hub_strategy, "value", args.hub_strategy)),
+            "end",
+        )
         if not torch.accelerator.is_available():
             args.dataloader_pin_memory = False  # nothing to pin to on CPU (and no warning at every epoch)
-        if args.ddp_find_unused_parameters is None:
-            # Every trained (LoRA) weight takes part in every forward, so DDP need not walk the autograd
-            # graph looking for unused ones each step.
+        if args.ddp_find_unused_parameters is None:  # every trained (LoRA) weight takes part in every forward
             args.ddp_find_unused_parameters = False
 
+        checkpointing = (args.gradient_checkpointing, args.gradient_checkpointing_kwargs)
         if isinstance(model, str):
             loaded = load_model(
                 ModelArguments(model_name_or_path=model),
                 peft_config=peft_config,
                 use_cpu=args.use_cpu,
-                gradient_checkpointing=args.gradient_checkpointing,
-                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs,
+                gradient_checkpointing=checkpointing[0],
+                gradient_checkpointing_kwargs=checkpointing[1],
             )
             model, processing_class = loaded.model, processing_class or loaded.tokenizer
         elif peft_config is not None:
-            model = attach_adapter(
-                model, peft_config, args.gradient_checkpointing, args.gradient_checkpointing_kwargs
-            )
+            model = attach_adapter(model, peft_config, *checkpointing)
         prepare_model(model, args)
         if ref_model is not None:
             prepare_model(ref_model, args, is_reference=True).requires_grad_(False)
         self.loss_spec = LossSpec.from_config(args)
         self.reference = choose_reference(model, args, ref_model)
-        # Each prompt read once per row, [prompt | completion 0 | ...], where the model's attention allows it.
+        # Each prompt read once per row, [prompt | completion 0 | ...], where the model's attention allows it;
+        # completions must not see each other, which hf_dpo's attention ensures.
         self.share_prompt = args.share_prompt and _can_share_prompt(model, ref_model, args.max_length)
-        if self.share_prompt:  # completions must not see each other: hf_dpo's attention keeps them apart
+        if self.share_prompt:
             for candidate in (model, self.reference.model):
                 if candidate is not None:
                     use_varlen_attention(candidate)
-        if processing_class is None:
-            processing_class = load_tokenizer(_model_name(model))
-
+        processing_class = processing_class or load_tokenizer(_model_name(model))
         # Under several processes the main one tokenises (and fills the `datasets` cache) first; the others
         # then read its cache instead of racing to write the same files.
         with args.main_process_first(desc="tokenising the preference data"):
             train_dataset = self._tokenize(train_dataset, processing_class, args, "train")
-            if isinstance(eval_dataset, dict):
-                eval_dataset = {
-                    k: self._tokenize(v, processing_class, args, k) for k, v in eval_dataset.items()
-                }
-            else:
-                eval_dataset = self._tokenize(eval_dataset, processing_class, args, "eval")
-        if data_collator is None:
-            data_collator = PreferenceCollator(
-                pad_token_id=_pad_token_id(processing_class, args.pad_token),
-                pad_to_multiple_of=args.pad_to_multiple_of,
-                padding_free=args.padding_free,
-                share_prompt=self.share_prompt,
+            eval_dataset = _each_split(
+                eval_dataset, lambda ds, name: self._tokenize(ds, processing_class, args, name)
             )
-        self.datasets_used = _dataset_names(train_dataset)
+        data_collator = data_collator or PreferenceCollator(
+            pad_token_id=_pad_token_id(processing_class, args.pad_token),
+            pad_to_multiple_of=args.pad_to_multiple_of,
+            padding_free=args.padding_free,
+            share_prompt=self.share_prompt,
+        )
         super().__init__(
             model=model,
             args=args,
@@ -176,26 +160,25 @@ class DPOTrainer(Trainer):
                 "train independently. On a machine without GPUs pass --use_cpu true (DDP over gloo); otherwise "
                 "check the launcher's --num_processes."
             )
+        self.datasets_used = _dataset_names(train_dataset)
         self.guard = NonFiniteGuard(self.accelerator, self._describe_rows)
-        self.add_callback(self.guard)
-        self.add_callback(CheckpointMarker())
         self.hub_push_failures: list[str] = []
-        if self.args.push_to_hub:
-            self._hub_callback = HubPushAtSave(self._push_checkpoint, self._hub_strategy)
-            self.add_callback(self._hub_callback)
+        self._hub_callback = HubPushAtSave(self._publish, self._hub_strategy if args.push_to_hub else "end")
+        for callback in (self.guard, CheckpointMarker(), self._hub_callback):
+            self.add_callback(callback)
         # compute_loss returns the mean over the micro-batch; the Trainer divides by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self.model_accepts_loss_kwargs = False
         if self.reference.kind == "model" and self.reference.model is not self.model:
             self.reference.model = self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
-
         if args.precompute_ref_log_probs and self.loss_spec.needs_reference:
-            self.train_dataset = self._precompute(self.train_dataset)
-            if isinstance(self.eval_dataset, dict):
-                self.eval_dataset = {k: self._precompute(v) for k, v in self.eval_dataset.items()}
-            else:
-                self.eval_dataset = self._precompute(self.eval_dataset)
+            from .reference_cache import precompute_reference_logps
+
+            self.train_dataset = precompute_reference_logps(self, self.train_dataset)
+            self.eval_dataset = _each_split(
+                self.eval_dataset, lambda ds, _: precompute_reference_logps(self, ds)
+            )
 
     @property
     def ref_model(self) -> nn.Module | None:
@@ -207,9 +190,7 @@ class DPOTrainer(Trainer):
     def _tokenize(dataset, tokenizer, args: DPOConfig, split: str):
         from .data import check_pairs_for_loss, load_preference_data, tokenize_preference_dataset
 
-        if dataset is None:
-            return None
-        if "prompt_input_ids" not in dataset.column_names:
+        if dataset is not None and "prompt_input_ids" not in dataset.column_names:
             if "completions" not in dataset.column_names:
                 # Raw rows in any record format: normalised as load_preference_data does, with its messages.
                 dataset = load_preference_data(dataset, split=split)["train"]
@@ -221,15 +202,9 @@ class DPOTrainer(Trainer):
                 num_proc=args.dataset_num_proc,
                 split_name=split,
             )
-        check_pairs_for_loss(dataset, args.loss_type, f"<{split} dataset>")
+        if dataset is not None:
+            check_pairs_for_loss(dataset, args.loss_type, f"<{split} dataset>")
         return dataset
-
-    def _precompute(self, dataset):
-        from .reference_cache import precompute_reference_logps
-
-        if dataset is None or "ref_logps" in dataset.column_names:
-            return dataset
-        return precompute_reference_logps(self, dataset)
 
     def _describe_rows(self, lines: list[int]) -> str:
         from .data import describe_rows
@@ -250,7 +225,7 @@ class DPOTrainer(Trainer):
             ld_alpha=args.ld_alpha,
         )
 
-    def reference_logps(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def reference_logps(self, model: nn.Module, inputs: dict) -> torch.Tensor | None:
         """Reference log-probs, shape (B, K): precomputed, or from the reference policy under no_grad; None
         when no loss needs them (reference_free, or only simpo / sft)."""
         if not self.loss_spec.needs_reference:
@@ -271,66 +246,53 @@ class DPOTrainer(Trainer):
         loss = losses.mean()
         if mode == "train":
             self.guard.observe(loss, inputs.get("source_line"))
-        # A non-finite batch would turn every metric of its logging window into NaN.
-        if mode == "eval" or torch.isfinite(loss.detach()):
+        if mode == "eval" or torch.isfinite(loss.detach()):  # a non-finite batch would make every metric NaN
             self._store_metrics(mode, policy, rewards, response_mask, loss_metrics)
         if return_outputs:
             return loss, {"policy_logps": policy.logps.detach(), "rewards": rewards}
         return loss
 
+    @torch.no_grad()
     def _store_metrics(self, mode, policy: SequenceLogps, rewards, response_mask, loss_metrics) -> None:
         """Accumulate sums and counts (not means), so averages over accumulation steps, logging steps and
-        ranks weight every pair equally and every token equally. `policy` is by row: (B, K) tensors."""
-        with torch.no_grad():
-            policy_logps = policy.logps.detach()
-            chosen_rewards = rewards[:, 0]
-            if rewards.shape[1] > 2:  # K-way: the best response against the mean of the others
-                others = response_mask[:, 1:].float()
-                rejected_rewards = (rewards[:, 1:] * others).sum(1) / others.sum(1).clamp(min=1)
-                rejected_logps = (policy_logps[:, 1:] * others).sum(1) / others.sum(1).clamp(min=1)
-            else:
-                rejected_rewards = rewards[:, 1]
-                rejected_logps = policy_logps[:, 1]
-            margins = chosen_rewards - rejected_rewards
-            values = {
-                "rewards/chosen": chosen_rewards.sum(),
-                "rewards/rejected": rejected_rewards.sum(),
-                "rewards/accuracies": (margins > 0).float().sum(),  # a tie is not a correct ranking
-                "rewards/margins": margins.sum(),
-                "logps/chosen": policy_logps[:, 0].sum(),
-                "logps/rejected": rejected_logps.sum(),
-                "logits/chosen": policy.logit_sums[:, 0].sum(),
-                "logits/rejected": policy.logit_sums[:, 1:].sum(),
-                "entropy": policy.entropy_sums.sum(),
-                "mean_token_accuracy": policy.top1_hits[:, 0].sum(),
-                **{key: value.sum() for key, value in loss_metrics.items()},  # per pair, e.g. loss/sft
-                "_pairs": torch.tensor(float(response_mask.shape[0])),
-                "_tokens/chosen": policy.token_counts[:, 0].sum(),
-                "_tokens/rejected": policy.token_counts[:, 1:].sum(),
-            }
-            sums = self._metric_sums[mode]
-            for key, value in values.items():
-                sums[key] = sums[key] + value.float()
+        ranks weight every pair and every token equally. `policy` is by row: (B, K) tensors. With K > 2 ranked
+        responses, "rejected" is the mean of all but the best."""
+        others = response_mask[:, 1:].float()
+        rejected_rewards = (rewards[:, 1:] * others).sum(1) / others.sum(1).clamp(min=1)
+        margins = rewards[:, 0] - rejected_rewards
+        values = {
+            "rewards/chosen": rewards[:, 0].sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (margins > 0).float().sum(),  # a tie is not a correct ranking
+            "rewards/margins": margins.sum(),
+            "logps/chosen": policy.logps[:, 0].sum(),
+            "logps/rejected": ((policy.logps[:, 1:] * others).sum(1) / others.sum(1).clamp(min=1)).sum(),
+            "logits/chosen": policy.logit_sums[:, 0].sum(),
+            "logits/rejected": policy.logit_sums[:, 1:].sum(),
+            "entropy": policy.entropy_sums.sum(),
+            "mean_token_accuracy": policy.top1_hits[:, 0].sum(),
+            **{key: value.sum() for key, value in loss_metrics.items()},  # per pair, e.g. loss/sft
+            "_pairs": torch.tensor(float(response_mask.shape[0])),
+            "_tokens/chosen": policy.token_counts[:, 0].sum(),
+            "_tokens/rejected": policy.token_counts[:, 1:].sum(),
+        }
+        sums = self._metric_sums[mode]
+        for key, value in values.items():
+            sums[key] = sums[key] + value.float()
 
     def _reduced_metrics(self, mode: str) -> dict[str, float]:
-        sums = self._metric_sums[mode]
+        sums, self._metric_sums[mode] = self._metric_sums[mode], defaultdict(float)
         if not sums:
             return {}
         keys = sorted(sums)
         stacked = torch.stack(
             [torch.as_tensor(sums[k], dtype=torch.float32, device=self.args.device) for k in keys]
         )
-        stacked = self.accelerator.reduce(stacked, reduction="sum")  # gathered across ranks before logging
-        total = dict(zip(keys, stacked.tolist()))
-        self._metric_sums[mode] = defaultdict(float)
+        total = dict(zip(keys, self.accelerator.reduce(stacked, reduction="sum").tolist()))  # over all ranks
         pairs = max(total.pop("_pairs"), 1.0)
         chosen, rejected = (max(total.pop(f"_tokens/{side}"), 1.0) for side in ("chosen", "rejected"))
-        per_token = {
-            "logits/chosen": chosen,
-            "logits/rejected": rejected,
-            "entropy": chosen + rejected,
-            "mean_token_accuracy": chosen,
-        }
+        per_token = {"logits/chosen": chosen, "logits/rejected": rejected, "mean_token_accuracy": chosen}
+        per_token["entropy"] = chosen + rejected
         names = [*METRIC_NAMES, *sorted(set(total) - set(METRIC_NAMES))]
         return {key: total[key] / per_token.get(key, pairs) for key in names}
 
@@ -357,22 +319,15 @@ class DPOTrainer(Trainer):
 
     # ---------------------------------------------------------------- training, saving, publishing
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
-        """transformers' train(), resuming only from complete checkpoints; a machine fault while saving
-        (disk full, permissions) raises SaveError naming the folder and the checkpoint to resume from. With
-        push_to_hub, the final adapter and card are published when training ends (hub_strategy decides
-        what is pushed during training)."""
+        """transformers' train(), resuming only from complete checkpoints; a machine fault while saving (disk
+        full, permissions) raises SaveError naming the folder and the checkpoint to resume from. With
+        push_to_hub, the final adapter and card are published when training ends (a failure is logged and
+        kept in `hub_push_failures`; hub_strategy decides what is pushed during training)."""
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        try:
+        with self._save_faults():
             output = super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
-        except SaveError:
-            raise
-        except Exception as err:
-            save_error = as_save_error(err, self.args.output_dir, self.state.global_step)
-            if save_error is None:
-                raise
-            raise save_error from err
+        self.hub_push_failures.extend(self._hub_callback.failures)
         if self.args.push_to_hub:
-            self.hub_push_failures.extend(self._hub_callback.failures)
             from .hub import HubPushError
 
             try:
@@ -386,23 +341,27 @@ class DPOTrainer(Trainer):
         """Save the adapter and tokenizer (transformers), then hf_dpo's model card beside them; with
         push_to_hub and a call by the user, publish as transformers does."""
         output_dir = output_dir or self.args.output_dir
-        try:
+        with self._save_faults():
             super().save_model(output_dir, _internal_call=True)
             if self.args.should_save:
-                # The frozen reference copy is not part of the result (peft saves every adapter).
-                reference_folder = Path(output_dir) / REFERENCE_ADAPTER
-                if self.reference.adapter == REFERENCE_ADAPTER and reference_folder.is_dir():
-                    import shutil
-
-                    shutil.rmtree(reference_folder)
+                if self.reference.adapter == REFERENCE_ADAPTER:  # the frozen copy is not part of the result
+                    shutil.rmtree(Path(output_dir) / REFERENCE_ADAPTER, ignore_errors=True)
                 self.write_model_card(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save")
+
+    @contextlib.contextmanager
+    def _save_faults(self) -> Iterator[None]:
+        """Turn a machine fault while saving into SaveError (see callbacks.as_save_error)."""
+        try:
+            yield
+        except SaveError:
+            raise
         except Exception as err:
             save_error = as_save_error(err, self.args.output_dir, self.state.global_step)
             if save_error is None:
                 raise
             raise save_error from err
-        if self.args.push_to_hub and not _internal_call:
-            self.push_to_hub(commit_message="Model save")
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """The repo is created by the first push, not here: a Hub outage must not stop a run before it starts."""
@@ -419,7 +378,7 @@ class DPOTrainer(Trainer):
         self, license=None, tags=None, model_name=None, dataset=None, dataset_name=None, **_
     ):
         """hf_dpo's model card (README.md, with training_curves.png) in output_dir; transformers' and TRL's
-        keyword arguments (license, tags, model_name, dataset/dataset_name) feed into it."""
+        keyword arguments (license, model_name, dataset / dataset_name) feed into it."""
         if self.is_world_process_zero():
             datasets = [dataset_name or dataset] if (dataset_name or dataset) else None
             self.write_model_card(
@@ -428,42 +387,33 @@ class DPOTrainer(Trainer):
 
     def push_to_hub(
         self,
-        commit_message: str | None = "End of training",
-        blocking: bool = True,
+        commit_message="End of training",
+        blocking=True,
         token=None,
         revision=None,
         private=None,
         **kwargs,
-    ) -> str | None:
+    ):
         """Publish the adapter, its config, the tokenizer, hf_dpo's card, its curves and the results files to
         hub_model_id (never the token, local paths, training_args.bin or optimizer/scheduler/RNG states).
         Returns the commit URL; raises hf_dpo.hub.HubPushError, with the command that retries, on failure."""
-        from .hub import push_folder
-
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
         self.create_model_card(**kwargs)
+        return self._publish(self.args.output_dir, None, commit_message, token, revision, private)
+
+    def _publish(self, folder, path_in_repo, commit_message, token=None, revision=None, private=None) -> str:
+        from .hub import push_folder
+
         return push_folder(
-            self.args.output_dir,
+            folder,
             self.hub_repo_id,
             token=token or self._hub_token,
             private=self.args.hub_private_repo if private is None else private,
             revision=revision or self.args.hub_revision,
             commit_message=commit_message or "End of training",
-        )
-
-    def _push_checkpoint(self, folder: Path, path_in_repo: str | None, commit_message: str) -> None:
-        from .hub import push_folder
-
-        push_folder(
-            folder,
-            self.hub_repo_id,
-            token=self._hub_token,
-            private=self.args.hub_private_repo,
-            revision=self.args.hub_revision,
-            commit_message=commit_message,
             path_in_repo=path_in_repo,
         )
 
@@ -473,6 +423,7 @@ class DPOTrainer(Trainer):
         from .curves import plot_training_curves
 
         plot_training_curves(self.state.log_history, Path(output_dir) / "training_curves.png")
+        spec = self.loss_spec
         inputs = {
             "base_model": _model_name(self.model),
             "datasets": datasets or self.datasets_used,
@@ -484,7 +435,7 @@ class DPOTrainer(Trainer):
             "reference": self.reference.description,
             "losses": [
                 {"name": name, "weight": weight, "paper": LOSSES[name].paper}
-                for name, weight in zip(self.loss_spec.loss_types, self.loss_spec.weights)
+                for name, weight in zip(spec.loss_types, spec.weights)
             ],
         }
         return write_card(output_dir, inputs, template_path=self.args.model_card_template)
@@ -492,7 +443,6 @@ class DPOTrainer(Trainer):
     def card_settings(self) -> dict:
         """The flat settings table of the card (no secrets, no local paths)."""
         args = self.args
-        settings = {name: getattr(args, name) for name in _CARD_SETTINGS}
         shown_when = {  # loss options, in the table only where they take part
             "loss_weights": args.loss_weights is not None,
             "f_divergence_type": args.f_divergence_type != "reverse_kl",
@@ -502,45 +452,27 @@ class DPOTrainer(Trainer):
             "discopop_tau": "discopop" in args.loss_type,
             "simpo_gamma": "simpo" in args.loss_type,
         }
-        settings.update({name: getattr(args, name) for name, shown in shown_when.items() if shown})
-        settings["share_prompt"] = self.share_prompt  # the value in effect
-        settings["global_step"] = self.state.global_step
-        settings["world_size"] = args.world_size
-        settings["quantization"] = describe_quantization(self.model)
-        lora = getattr(unwrap(self.model), "peft_config", {}).get(
-            getattr(unwrap(self.model), "active_adapter", None)
-        )
+        names = [*_CARD_SETTINGS, *(name for name, shown in shown_when.items() if shown)]
+        settings = {name: getattr(args, name) for name in names}
+        settings.update(
+            share_prompt=self.share_prompt, global_step=self.state.global_step
+        )  # the values in effect
+        settings.update(world_size=args.world_size, quantization=describe_quantization(self.model))
+        peft_model = unwrap(self.model)
+        lora = getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", None))
         if lora is not None:
             targets = lora.target_modules
-            settings.update(
-                lora_r=lora.r,
-                lora_alpha=lora.lora_alpha,
-                lora_dropout=lora.lora_dropout,
-                lora_target_modules=targets if isinstance(targets, str) else ",".join(sorted(targets)),
-            )
+            targets = targets if isinstance(targets, str) else ",".join(sorted(targets))
+            settings.update(lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout)
+            settings["lora_target_modules"] = targets
         return settings
 
 
-_CARD_SETTINGS = (
-    "loss_type",
-    "beta",
-    "label_smoothing",
-    "reference_free",
-    "logp_reduction",
-    "learning_rate",
-    "lr_scheduler_type",
-    "optim",
-    "num_train_epochs",
-    "max_steps",
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "max_length",
-    "max_prompt_length",
-    "precompute_ref_log_probs",
-    "padding_free",
-    "gradient_checkpointing",
-    "seed",
-)
+def _each_split(dataset, function):
+    """function(split, name) on a dataset, or on each split of a dict of named eval splits."""
+    if isinstance(dataset, dict):
+        return {name: function(split, name) for name, split in dataset.items()}
+    return None if dataset is None else function(dataset, "eval")
 
 
 def _can_share_prompt(model, ref_model, max_length: int | None) -> bool:
@@ -568,17 +500,14 @@ def _pad_token_id(tokenizer, pad_token: str | None) -> int:
 def _private_copy(args) -> DPOConfig:
     """The trainer's own DPOConfig: a copy of the caller's, or a plain TrainingArguments upgraded with the DPO
     defaults (the caller's object is never modified)."""
-    if args is None:
-        return DPOConfig()
-    if isinstance(args, DPOConfig):
-        return copy.copy(args)
+    if args is None or isinstance(args, DPOConfig):
+        return copy.copy(args) if args is not None else DPOConfig()
     if not isinstance(args, TrainingArguments):
         raise TypeError(
             f"args must be a DPOConfig or transformers.TrainingArguments, got {type(args).__name__}"
         )
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     values["remove_unused_columns"] = False  # the collator needs the preference columns
-    values["report_to"] = args.report_to
     logger.info(
         "args is a transformers TrainingArguments: using it as a DPOConfig with the DPO defaults (beta 0.1, "
         "sigmoid loss, max_length 1024); pass a DPOConfig to change them"
@@ -599,21 +528,24 @@ def _model_name(model: nn.Module) -> str:
 
 
 def _dataset_names(dataset) -> list[str]:
-    name = getattr(getattr(dataset, "info", None), "dataset_name", None)
-    return [name] if name else []
+    """The files or dataset ids the rows came from (their `source_name`; in-memory rows name none)."""
+    if dataset is None or "source_name" not in dataset.column_names:
+        return []
+    return sorted(name for name in dataset.unique("source_name") if not name.startswith("<"))
 
 
 def _final_results(log_history: list[dict]) -> dict:
     """The last logged value of every train and eval metric (train_* summary keys excluded)."""
-    results: dict = {}
-    for entry in log_history:
-        for key, value in entry.items():
-            if key in ("step", "epoch") or not isinstance(value, (int, float)):
-                continue
-            if key.startswith("train_") or key.endswith(("_runtime", "_per_second", "total_flos")):
-                continue
-            results[key] = value
-    return results
+    skip = ("_runtime", "_per_second", "total_flos")
+    return {
+        key: value
+        for entry in log_history
+        for key, value in entry.items()
+        if key not in ("step", "epoch")
+        and isinstance(value, (int, float))
+        and not key.startswith("train_")
+        and not key.endswith(skip)
+    }
 
 
 def _by_row(per_sequence: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
