@@ -61,6 +61,7 @@ def reference_cache_key(trainer, dataset) -> str:
         # Shared and repeated prompts agree only to float rounding; a fresh adapter's rewards are exactly 0
         # only if the reference was computed along the same path as the policy.
         "share_prompt": bool(getattr(trainer.data_collator, "share_prompt", False)),
+        "padding_free": trainer.args.padding_free,  # packed rows, likewise
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -57,7 +57,26 @@ METRIC_NAMES += ("logps/rejected", "logits/chosen", "logits/rejected")
 # Per-token means: the entropy of the next-token distribution over chosen and rejected completion tokens, and
 # the top-1 accuracy on chosen completion tokens.
 METRIC_NAMES += ("entropy", "mean_token_accuracy")
-_CARD_SETTINGS = ["loss_type", "beta", "label_smoothing", "reference_free", "logp_reduction", "learning_rate", "lr_scheduler_type", "optim", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length", "precompute_ref_log_probs", "padding_free", "gradient_checkpointing", "seed"]
+_CARD_SETTINGS = [
+    "loss_type",
+    "beta",
+    "label_smoothing",
+    "reference_free",
+    "logp_reduction",
+    "learning_rate",
+    "lr_scheduler_type",
+    "optim",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "max_prompt_length",
+    "precompute_ref_log_probs",
+    "padding_free",
+    "gradient_checkpointing",
+    "seed",
+]
 
 
 class DPOTrainer(Trainer):

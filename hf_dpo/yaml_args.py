@@ -85,11 +85,6 @@ def setting_to_flags(setting: ConfigSetting) -> list[str]:
     return [f"--{setting.key}", str(value)]
 
 
-def yaml_to_flags(path: str | Path) -> list[str]:
-    """Turn a flat YAML mapping into `--key value` flags."""
-    return [flag for setting in read_yaml_config(path) for flag in setting_to_flags(setting)]
-
-
 def parse_args(parser: HfArgumentParser, argv: list[str]):
     """Parse `[config.yaml] [--flags]` into the parser's dataclasses; flags after the file override its values.
 
@@ -168,20 +163,9 @@ def _did_you_mean(name: str, known: set[str], prefix: str = "") -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
-# Integrations transformers can check for, and the package that provides each.
-_REPORT_TO_PACKAGES = {
-    "comet_ml": "comet_ml",
-    "dagshub": "dagshub",
-    "dvclive": "dvclive",
-    "mlflow": "mlflow",
-    "neptune": "neptune",
-    "tensorboard": "tensorboard",
-    "wandb": "wandb",
-    "codecarbon": "codecarbon",
-    "clearml": "clearml",
-    "swanlab": "swanlab",
-    "trackio": "trackio",
-}
+# Integrations whose package (of the same name) transformers checks for.
+_REPORT_TO_PACKAGES = {"comet_ml", "dagshub", "dvclive", "mlflow", "neptune", "tensorboard", "wandb"}
+_REPORT_TO_PACKAGES |= {"codecarbon", "clearml", "swanlab", "trackio"}
 
 
 def check_report_to(report_to: str | list[str] | None) -> None:
@@ -204,6 +188,5 @@ def check_report_to(report_to: str | list[str] | None) -> None:
             )
         if name in _REPORT_TO_PACKAGES and name not in available:
             raise ArgumentsError(
-                f"report_to: {name} is not installed; `pip install {_REPORT_TO_PACKAGES[name]}`, "
-                "or pass --report_to none"
+                f"report_to: {name} is not installed; `pip install {name}`, or pass --report_to none"
             )
