@@ -759,3 +759,54 @@ def preference_loss(
     if response_mask is not None:
         rewards = rewards.masked_fill(~response_mask, 0.0)
     return total, rewards, metrics
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+# TRL's names, so dashboards carry over. entropy: mean per-token entropy of the next-token distribution over
+# chosen and rejected completion tokens; mean_token_accuracy: top-1 accuracy on the chosen completion tokens.
+METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen")
+METRIC_NAMES += ("logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
+
+
+@torch.no_grad()
+def metric_sums(
+    policy: SequenceLogps, rewards: torch.Tensor, response_mask: torch.Tensor, loss_metrics: dict
+) -> dict[str, torch.Tensor]:
+    """Sums of the logged metrics over a batch, with the pair and token counts (`_pairs`, `_tokens/...`), so
+    that sums over micro-batches, logging steps and ranks weigh every pair and token equally (`metric_means`).
+
+    policy: by row, (B, K) tensors; rewards (B, K); response_mask (B, K) bool; loss_metrics: (B,) values from
+    `preference_loss`. With K > 2 ranked responses, "rejected" is the mean of all but the best.
+    """
+    others = response_mask[:, 1:].float()
+    rejected_rewards = (rewards[:, 1:] * others).sum(1) / others.sum(1).clamp(min=1)
+    margins = rewards[:, 0] - rejected_rewards
+    sums = {
+        "rewards/chosen": rewards[:, 0].sum(),
+        "rewards/rejected": rejected_rewards.sum(),
+        "rewards/accuracies": (margins > 0).float().sum(),  # a tie is not a correct ranking
+        "rewards/margins": margins.sum(),
+        "logps/chosen": policy.logps[:, 0].sum(),
+        "logps/rejected": ((policy.logps[:, 1:] * others).sum(1) / others.sum(1).clamp(min=1)).sum(),
+        "logits/chosen": policy.logit_sums[:, 0].sum(),
+        "logits/rejected": policy.logit_sums[:, 1:].sum(),
+        "entropy": policy.entropy_sums.sum(),
+        "mean_token_accuracy": policy.top1_hits[:, 0].sum(),
+        **{key: value.sum() for key, value in loss_metrics.items()},  # per pair, e.g. loss/sft
+        "_pairs": torch.tensor(float(response_mask.shape[0])),
+        "_tokens/chosen": policy.token_counts[:, 0].sum(),
+        "_tokens/rejected": policy.token_counts[:, 1:].sum(),
+    }
+    return {key: value.float() for key, value in sums.items()}
+
+
+def metric_means(total: dict[str, float]) -> dict[str, float]:
+    """Means from summed `metric_sums`: per token for logits, entropy and token accuracy, else per pair."""
+    total = dict(total)
+    pairs = max(total.pop("_pairs"), 1.0)
+    chosen, rejected = (max(total.pop(f"_tokens/{side}"), 1.0) for side in ("chosen", "rejected"))
+    per_token = {"logits/chosen": chosen, "logits/rejected": rejected, "mean_token_accuracy": chosen}
+    per_token["entropy"] = chosen + rejected
+    names = [*METRIC_NAMES, *sorted(set(total) - set(METRIC_NAMES))]
+    return {key: total[key] / per_token.get(key, pairs) for key in names}

@@ -37,7 +37,7 @@ from .callbacks import (  # noqa: F401 (public names)
 from .collator import PreferenceCollator
 from .config import DPOConfig, ModelArguments
 from .logps import SequenceLogps, batch_logps
-from .losses import LOSSES, LossSpec, preference_loss
+from .losses import LOSSES, LossSpec, metric_means, metric_sums, preference_loss
 from .modeling import (
     REFERENCE_ADAPTER,
     attach_adapter,
@@ -52,11 +52,6 @@ from .modeling import (
 
 logger = logging.getLogger(__name__)
 
-METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen")
-METRIC_NAMES += ("logps/rejected", "logits/chosen", "logits/rejected")
-# Per-token means: the entropy of the next-token distribution over chosen and rejected completion tokens, and
-# the top-1 accuracy on chosen completion tokens.
-METRIC_NAMES += ("entropy", "mean_token_accuracy")
 _CARD_SETTINGS = [
     "loss_type",
     "beta",
@@ -271,35 +266,13 @@ class DPOTrainer(Trainer):
             return loss, {"policy_logps": policy.logps.detach(), "rewards": rewards}
         return loss
 
-    @torch.no_grad()
     def _store_metrics(self, mode, policy: SequenceLogps, rewards, response_mask, loss_metrics) -> None:
-        """Accumulate sums and counts (not means), so averages over accumulation steps, logging steps and
-        ranks weight every pair and every token equally. `policy` is by row: (B, K) tensors. With K > 2 ranked
-        responses, "rejected" is the mean of all but the best."""
-        others = response_mask[:, 1:].float()
-        rejected_rewards = (rewards[:, 1:] * others).sum(1) / others.sum(1).clamp(min=1)
-        margins = rewards[:, 0] - rejected_rewards
-        values = {
-            "rewards/chosen": rewards[:, 0].sum(),
-            "rewards/rejected": rejected_rewards.sum(),
-            "rewards/accuracies": (margins > 0).float().sum(),  # a tie is not a correct ranking
-            "rewards/margins": margins.sum(),
-            "logps/chosen": policy.logps[:, 0].sum(),
-            "logps/rejected": ((policy.logps[:, 1:] * others).sum(1) / others.sum(1).clamp(min=1)).sum(),
-            "logits/chosen": policy.logit_sums[:, 0].sum(),
-            "logits/rejected": policy.logit_sums[:, 1:].sum(),
-            "entropy": policy.entropy_sums.sum(),
-            "mean_token_accuracy": policy.top1_hits[:, 0].sum(),
-            **{key: value.sum() for key, value in loss_metrics.items()},  # per pair, e.g. loss/sft
-            "_pairs": torch.tensor(float(response_mask.shape[0])),
-            "_tokens/chosen": policy.token_counts[:, 0].sum(),
-            "_tokens/rejected": policy.token_counts[:, 1:].sum(),
-        }
         sums = self._metric_sums[mode]
-        for key, value in values.items():
-            sums[key] = sums[key] + value.float()
+        for key, value in metric_sums(policy, rewards, response_mask, loss_metrics).items():
+            sums[key] = sums[key] + value
 
     def _reduced_metrics(self, mode: str) -> dict[str, float]:
+        """This logging window's means, over every rank (losses.metric_means)."""
         sums, self._metric_sums[mode] = self._metric_sums[mode], defaultdict(float)
         if not sums:
             return {}
@@ -307,13 +280,7 @@ class DPOTrainer(Trainer):
         stacked = torch.stack(
             [torch.as_tensor(sums[k], dtype=torch.float32, device=self.args.device) for k in keys]
         )
-        total = dict(zip(keys, self.accelerator.reduce(stacked, reduction="sum").tolist()))  # over all ranks
-        pairs = max(total.pop("_pairs"), 1.0)
-        chosen, rejected = (max(total.pop(f"_tokens/{side}"), 1.0) for side in ("chosen", "rejected"))
-        per_token = {"logits/chosen": chosen, "logits/rejected": rejected, "mean_token_accuracy": chosen}
-        per_token["entropy"] = chosen + rejected
-        names = [*METRIC_NAMES, *sorted(set(total) - set(METRIC_NAMES))]
-        return {key: total[key] / per_token.get(key, pairs) for key in names}
+        return metric_means(dict(zip(keys, self.accelerator.reduce(stacked, reduction="sum").tolist())))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"

@@ -75,9 +75,10 @@ def run(args) -> dict | None:
     from hf_dpo.config import DPOConfig, ModelArguments
     from hf_dpo.data import bundled_data_path, load_preference_data
     from hf_dpo.logps import fusable_lm_head
+    from hf_dpo.losses import METRIC_NAMES
     from hf_dpo.modeling import load_model
     from hf_dpo.tiny import resolve_model_path
-    from hf_dpo.trainer import METRIC_NAMES, DPOTrainer
+    from hf_dpo.trainer import DPOTrainer
 
     if sharded and rank > 0:
         dist.barrier()  # rank 0 builds the tiny model (if asked for) first; the others then read its files

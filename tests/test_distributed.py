@@ -27,7 +27,7 @@ from test_reliability import (
     write_data,
 )
 
-from hf_dpo.trainer import METRIC_NAMES
+from hf_dpo.losses import METRIC_NAMES
 
 try:
     from hub_server import FakeHub

@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch import nn
 
 from hf_dpo.logps import fusable_lm_head
+from hf_dpo.losses import METRIC_NAMES
 from hf_dpo.tiny import build_tiny_model
-from hf_dpo.trainer import METRIC_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_CHECK = REPO / "scripts" / "fsdp_check.py"

@@ -13,8 +13,9 @@ from trainer_helpers import dpo_config, load, lora_state, model_args, tokenised_
 
 from hf_dpo.collator import PreferenceCollator, SharedPromptLayout
 from hf_dpo.logps import shared_completion_positions
+from hf_dpo.losses import METRIC_NAMES
 from hf_dpo.modeling import load_model
-from hf_dpo.trainer import METRIC_NAMES, DPOTrainer
+from hf_dpo.trainer import DPOTrainer
 
 LN2_FP32 = torch.tensor(math.log(2.0), dtype=torch.float32).item()  # -logsigmoid(0) in fp32, exactly
 LAYOUTS = [pytest.param(False, id="padded"), pytest.param(True, id="padding_free")]

@@ -18,9 +18,11 @@ from trainer_helpers import (
 )
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from hf_dpo.callbacks import NonFiniteLossError
 from hf_dpo.collator import PreferenceCollator
+from hf_dpo.losses import METRIC_NAMES
 from hf_dpo.modeling import guard_cpu_4bit_repacking, load_model
-from hf_dpo.trainer import METRIC_NAMES, DPOTrainer, NonFiniteLossError
+from hf_dpo.trainer import DPOTrainer
 
 LN2 = math.log(2.0)
 
