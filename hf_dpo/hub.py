@@ -1,13 +1,10 @@
 """Publish a run's output_dir to the Hugging Face Hub: the adapter, tokenizer, model card and results only.
 
-The allowlisted files are linked into a temporary folder (with a public adapter_config.json and, for
-`push_run`, the card rendered for the repo), scanned for tokens, then sent by `HfApi.upload_folder`, which
-follows huggingface_hub's own settings (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE...); hf_dpo never changes them.
-"""
+The files go up through `HfApi.upload_folder`, which follows huggingface_hub's own settings (HF_ENDPOINT,
+HF_TOKEN, HF_HUB_OFFLINE...); hf_dpo reads them and never changes them."""
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import mmap
 import os
@@ -21,17 +18,10 @@ from hf_dpo.card import HF_TOKEN_PATTERN, card_for_repo, is_local_path, local_na
 # The top-level files of an output_dir that a push uploads (fnmatch patterns): never optimizer, scheduler or
 # RNG states, training_args.bin, hf_dpo_run.json nor checkpoint-* folders.
 REQUIRED_FILES = ("adapter_model.safetensors", "adapter_config.json")
-PUSH_PATTERNS = REQUIRED_FILES + ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-PUSH_PATTERNS += (
-    "added_tokens.json",
-    "chat_template.jinja",
-    "*.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-)
-PUSH_PATTERNS += ("README.md", "training_curves.png", "train_results.json", "eval_results.json")
-PUSH_PATTERNS += ("all_results.json",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+TOKENIZER_FILES += ("chat_template.jinja", "*.model", "vocab.json", "merges.txt", "vocab.txt")
+CARD_AND_RESULTS = ("README.md", "training_curves.png", "train_results.json", "eval_results.json")
+PUSH_PATTERNS = REQUIRED_FILES + TOKENIZER_FILES + CARD_AND_RESULTS + ("all_results.json",)
 DEFAULT_COMMIT_MESSAGE = "Upload DPO adapter with hf_dpo"
 # What the Hub's answer means, by HTTP status (5xx as 500).
 _HINTS = {
@@ -72,13 +62,11 @@ def push_folder(
     path_in_repo: str | None = None,
     render_card: bool = False,
 ) -> str:
-    """Create `repo_id` if needed and upload the allowlisted files of `output_dir` in one commit; its URL.
+    """Create `repo_id` if needed and upload the PUSH_PATTERNS files of `output_dir` in one commit; its URL.
 
-    `token` defaults to huggingface_hub's (HF_TOKEN or `hf auth login`). `private` applies when the repo is
-    created. `revision` is a branch, created from main if missing. `path_in_repo` uploads into that folder
-    of the repo and deletes the files already there that this push does not upload, so the folder mirrors
-    `output_dir` (a checkpoint pushed during training). `render_card`: see `push_run`.
-    """
+    `token` defaults to huggingface_hub's (HF_TOKEN or `hf auth login`); `private` applies to a new repo;
+    `revision` is a branch, created from main if missing. `path_in_repo` is a folder of the repo that is made
+    to mirror `output_dir` (a checkpoint pushed during training). `render_card`: see `push_run`."""
     from huggingface_hub import HfApi
 
     check_repo_id(repo_id)
@@ -89,15 +77,11 @@ def push_folder(
         )
     output_dir = Path(output_dir)
     retry = retry_command(output_dir, repo_id, revision=revision, private=private)
+    api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="hf_dpo_push_") as staging:
         try:
             _stage(output_dir, Path(staging), repo_id if render_card else None)
             _refuse_secrets(Path(staging), token, commit_message)
-        except PushRefusedError as err:
-            err.retry_command = retry
-            raise
-        api = HfApi(token=token)
-        try:
             # A bare name lands in the token owner's namespace: upload to the id the Hub answered with.
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
             if revision not in (None, "main"):
@@ -110,6 +94,9 @@ def push_folder(
                 revision=revision,
                 commit_message=commit_message,
             )
+        except PushRefusedError as err:  # nothing was sent
+            err.retry_command = retry
+            raise
         except Exception as err:
             push_error = _push_error(err, output_dir, repo_id, api.endpoint, retry)
             if push_error is None:
@@ -119,9 +106,8 @@ def push_folder(
 
 
 def push_run(output_dir: str | os.PathLike, repo_id: str, **kwargs) -> str:
-    """`push_folder` (same keywords), with hf_dpo's unedited card rendered for `repo_id` if it was rendered for
-    another repo (or none) when the run was saved; a card edited by hand goes up as it is. Local files are
-    not changed."""
+    """`push_folder`, with hf_dpo's card rendered for `repo_id` if it was rendered for another repo (or none)
+    and not edited since; local files are not changed."""
     return push_folder(output_dir, repo_id, render_card=True, **kwargs)
 
 
@@ -156,7 +142,7 @@ def public_adapter_config(output_dir: str | os.PathLike) -> bytes | None:
         config = json.loads((Path(output_dir) / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    base = config.get("base_model_name_or_path")
     if not isinstance(base, str) or not is_local_path(base):
         return None
     is_tiny = (Path(base).expanduser() / "hf_dpo_tiny.json").is_file()  # the marker ensure_tiny_model writes
@@ -165,14 +151,12 @@ def public_adapter_config(output_dir: str | os.PathLike) -> bytes | None:
 
 
 def _stage(output_dir: Path, staging: Path, card_repo_id: str | None) -> None:
-    """Link the files to push into `staging`; write the public adapter_config.json and, for `card_repo_id`,
-    the card rendered for that repo in place of the local files."""
+    """Link the files to push into `staging`, with the public adapter_config.json and the card rendered for
+    `card_repo_id` (if any) written in place of the local files."""
     if not output_dir.is_dir():
         raise PushRefusedError(f"{output_dir} is not a folder: nothing to push.")
     names = sorted(
-        entry.name
-        for entry in os.scandir(output_dir)
-        if entry.is_file() and any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in PUSH_PATTERNS)
+        {path.name for pattern in PUSH_PATTERNS for path in output_dir.glob(pattern) if path.is_file()}
     )
     if missing := [name for name in REQUIRED_FILES if name not in names]:
         raise PushRefusedError(
