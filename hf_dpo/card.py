@@ -75,8 +75,8 @@ def write_card(output_dir: str | os.PathLike, inputs: Mapping[str, Any], *, temp
     """Write README.md, and hf_dpo_run.json (the inputs, the template and the card's hash); returns README.md."""
     output_dir = Path(output_dir)
     record = {key: value for key, value in inputs.items() if not _SECRET_KEY.search(str(key))}
-    record["training"] = _drop_secrets(inputs.get("training") or {})
-    record["results"] = _drop_secrets(inputs.get("results") or {})
+    record["training"] = _public(inputs.get("training") or {}, cut_paths=False)
+    record["results"] = _public(inputs.get("results") or {}, cut_paths=False)
     record["versions"] = inputs.get("versions") or framework_versions()  # a later re-render keeps them
     card = render_card(output_dir, record, template_path=template_path).encode("utf-8")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -201,24 +201,17 @@ def format_value(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _drop_secrets(values: Mapping[str, Any]) -> dict[str, Any]:
-    """`values` without the secret-named keys and the strings holding a token."""
-    return {
-        str(key): value
-        for key, value in values.items()
-        if not _SECRET_KEY.search(str(key))
-        and not (isinstance(value, str) and HF_TOKEN_PATTERN.search(value))
-    }
-
-
-def _public(values: Mapping[str, Any]) -> dict[str, Any]:
-    """`values` without secrets, and with absolute or home-relative paths cut to their last component."""
-    public = _drop_secrets(values)
-    for key, value in public.items():
-        if isinstance(value, (str, os.PathLike)) and (
+def _public(values: Mapping[str, Any], cut_paths: bool = True) -> dict[str, Any]:
+    """`values` without secret-named keys and token-holding strings; absolute or home-relative paths cut to
+    their last component unless `cut_paths` is false (hf_dpo_run.json, which is never pushed, keeps them)."""
+    public = {}
+    for key, value in values.items():
+        if _SECRET_KEY.search(key) or (isinstance(value, str) and HF_TOKEN_PATTERN.search(value)):
+            continue
+        path = isinstance(value, (str, os.PathLike)) and (
             os.path.isabs(value) or os.fspath(value).startswith("~")
-        ):
-            public[key] = local_name(os.fspath(value))
+        )
+        public[key] = local_name(os.fspath(value)) if cut_paths and path else value
     return public
 
 
