@@ -1,12 +1,8 @@
-"""The model card (README.md) of a trained adapter: `huggingface_hub.ModelCard` rendered from one template.
+"""The model card (README.md) of a trained adapter: a `huggingface_hub.ModelCard` rendered from a template.
 
-Python computes values (Hub metadata, public names, formatted numbers); `model_card_template.md` writes every
-word, so a custom template (`DPOConfig.model_card_template`) can change any of it. Only public names reach
-the card: secret-looking settings are dropped, local paths are cut to their last component, and a rendered
-card holding a Hugging Face token or the output_dir's absolute path is refused.
-
-`write_card` also records the card's inputs and the hash of the text written in hf_dpo_run.json, so that
-`hf-dpo push --repo-id X` can publish the same card rendered for X, unless README.md was edited since.
+Python computes the values, all public (no secret, no local path); model_card_template.md, or
+`DPOConfig.model_card_template`, writes every word. `write_card` records the inputs in hf_dpo_run.json so
+that `hf-dpo push --repo-id X` can publish the card rendered for X, unless README.md was edited since.
 """
 
 from __future__ import annotations
@@ -45,7 +41,6 @@ class ModelCardTemplateError(ValueError):
 
 def render_card(output_dir: str | os.PathLike, inputs: Mapping[str, Any], *, template_path=None) -> str:
     """The model card of the adapter in `output_dir`, rendered from `inputs` (see `card_variables`)."""
-    import jinja2
     import jinja2.meta
     from huggingface_hub import ModelCard
 
@@ -80,8 +75,8 @@ def write_card(output_dir: str | os.PathLike, inputs: Mapping[str, Any], *, temp
     """Write README.md, and hf_dpo_run.json (the inputs, the template and the card's hash); returns README.md."""
     output_dir = Path(output_dir)
     record = {key: value for key, value in inputs.items() if not _SECRET_KEY.search(str(key))}
-    for key in ("training", "results"):
-        record[key] = _drop_secrets(inputs.get(key) or {})
+    record["training"] = _public(inputs.get("training") or {}, cut_paths=False)
+    record["results"] = _public(inputs.get("results") or {}, cut_paths=False)
     record["versions"] = inputs.get("versions") or framework_versions()  # a later re-render keeps them
     card = render_card(output_dir, record, template_path=template_path).encode("utf-8")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -93,18 +88,15 @@ def write_card(output_dir: str | os.PathLike, inputs: Mapping[str, Any], *, temp
 
 
 def card_for_repo(output_dir: str | os.PathLike, repo_id: str) -> str | None:
-    """README.md rendered for `repo_id`, when it is hf_dpo's unedited card rendered for another repo (or
-    none); None when README.md should go up as it is (edited by hand, not hf_dpo's, already for repo_id)."""
-    output_dir = Path(output_dir)
+    """README.md rendered for `repo_id` if it is hf_dpo's unedited card rendered for another repo (or none);
+    None when README.md goes up as it is (edited by hand, not hf_dpo's, or already for `repo_id`)."""
     try:
-        run = json.loads((output_dir / RUN_INFO_FILE).read_text(encoding="utf-8"))
-        readme = (output_dir / "README.md").read_bytes()
+        run = json.loads((Path(output_dir) / RUN_INFO_FILE).read_text(encoding="utf-8"))
+        readme = (Path(output_dir) / "README.md").read_bytes()
     except (OSError, ValueError):
         return None
-    if not isinstance(run, dict) or run.get("hub_model_id") == repo_id:
-        return None
-    if run.get("card_sha256") != hashlib.sha256(readme).hexdigest():
-        return None  # edited since it was written: the user's words go up untouched
+    if run.get("hub_model_id") == repo_id or run.get("card_sha256") != hashlib.sha256(readme).hexdigest():
+        return None  # already for repo_id, or edited since it was written: the user's words go up untouched
     inputs = {**run, "hub_model_id": repo_id}
     try:
         return render_card(output_dir, inputs, template_path=run.get("model_card_template"))
@@ -125,8 +117,7 @@ def card_variables(output_dir: Path, inputs: Mapping[str, Any]):
     ]
     training, results = _public(inputs.get("training") or {}), _public(inputs.get("results") or {})
     qlora = any(m in str(training.get("quantization", "")).lower() for m in ("4-bit", "4bit", "nf4", "fp4"))
-    hub_model_id = inputs.get("hub_model_id") or None
-    tags = (["base_model:adapter:" + base] if base_on_hub else []) + ["dpo", "hf_dpo", "lora", "peft"]
+    tags = ["base_model:adapter:" + base] * base_on_hub + ["dpo", "hf_dpo", "lora", "peft"]
     card_data = ModelCardData(
         base_model=base if base_on_hub else None,
         library_name="peft",
@@ -135,18 +126,17 @@ def card_variables(output_dir: Path, inputs: Mapping[str, Any]):
         tags=tags + ["qlora"] * qlora + ["transformers"],
         pipeline_tag="text-generation",
     )
-    curves = CURVES_FILE if (output_dir / CURVES_FILE).is_file() else None
-    name = inputs.get("model_name") or (hub_model_id or "").split("/")[-1] or output_dir.resolve().name
+    hub_model_id = inputs.get("hub_model_id") or None
+    name = str(inputs.get("model_name") or (hub_model_id or "").split("/")[-1] or output_dir.resolve().name)
     reference_free = bool(training.get("reference_free"))
     reference = "none (reference-free)" if reference_free else "base model with the LoRA adapter disabled"
-    variables = {
-        "model_name": local_name(name) if is_local_path(str(name)) else str(name),
+    return card_data, {
+        "model_name": local_name(name) if is_local_path(name) else name,
         "hub_model_id": hub_model_id,
-        "base_model": base if base_on_hub or not is_local_path(base) else local_name(base),
+        "base_model": local_name(base) if is_local_path(base) else base,
         "base_model_on_hub": base_on_hub,
         "datasets": datasets,
         "license": inputs.get("license") or None,
-        "tags": card_data.tags,
         "qlora": qlora,
         "training": training,
         "training_cells": {key: format_value(value) for key, value in training.items()},
@@ -156,10 +146,9 @@ def card_variables(output_dir: Path, inputs: Mapping[str, Any]):
         "reference": str(inputs.get("reference") or reference),
         "reference_free": reference_free,
         "logp_reduction": str(training.get("logp_reduction", "sum")),
-        "curves_image": curves,
+        "curves_image": CURVES_FILE if (output_dir / CURVES_FILE).is_file() else None,
         "versions": dict(inputs.get("versions") or framework_versions()),
     }
-    return card_data, variables
 
 
 def framework_versions() -> dict[str, str]:
@@ -186,12 +175,7 @@ def is_hub_id(name: str) -> bool:
 
     from hf_dpo.tiny import TINY_MODEL_NAME
 
-    if (
-        not name
-        or name == TINY_MODEL_NAME
-        or is_local_path(name)
-        or Path(name).suffix.lower() in _DATA_SUFFIXES
-    ):
+    if name == TINY_MODEL_NAME or is_local_path(name) or Path(name).suffix.lower() in _DATA_SUFFIXES:
         return False
     try:
         validate_repo_id(name)
@@ -202,7 +186,7 @@ def is_hub_id(name: str) -> bool:
 
 def local_name(name: str) -> str:
     """The last component of a local path: enough to recognise it, without revealing where it lived."""
-    return Path(os.path.expanduser(str(name)).rstrip("/\\")).name or str(name)
+    return Path(os.path.expanduser(name).rstrip("/\\")).name or name
 
 
 def format_value(value: Any) -> str:
@@ -217,24 +201,18 @@ def format_value(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _drop_secrets(values: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        str(key): value
-        for key, value in values.items()
-        if not _SECRET_KEY.search(str(key))
-        and not (isinstance(value, str) and HF_TOKEN_PATTERN.search(value))
-    }
-
-
-def _public(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Secret-looking keys dropped, absolute or home-relative paths cut to their last component."""
-    return {
-        key: local_name(os.fspath(value))
-        if isinstance(value, (str, os.PathLike))
-        and (os.path.isabs(value) or os.fspath(value).startswith("~"))
-        else value
-        for key, value in _drop_secrets(values).items()
-    }
+def _public(values: Mapping[str, Any], cut_paths: bool = True) -> dict[str, Any]:
+    """`values` without secret-named keys and token-holding strings; absolute or home-relative paths cut to
+    their last component unless `cut_paths` is false (hf_dpo_run.json, which is never pushed, keeps them)."""
+    public = {}
+    for key, value in values.items():
+        if _SECRET_KEY.search(key) or (isinstance(value, str) and HF_TOKEN_PATTERN.search(value)):
+            continue
+        path = isinstance(value, (str, os.PathLike)) and (
+            os.path.isabs(value) or os.fspath(value).startswith("~")
+        )
+        public[key] = local_name(os.fspath(value)) if cut_paths and path else value
+    return public
 
 
 def _losses(losses, training: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -255,7 +233,6 @@ def _results_table(results: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     table: dict[str, dict[str, str]] = {}
     for key, value in results.items():
         column = "eval" if key.startswith("eval_") else "train"
-        name = key.removeprefix("eval_").removeprefix("train_")
-        table.setdefault(name, {})[column] = format_value(value)
+        table.setdefault(key.removeprefix("eval_").removeprefix("train_"), {})[column] = format_value(value)
     order = [name for name in _RESULT_ORDER if name in table] + sorted(set(table) - set(_RESULT_ORDER))
     return [(name, table[name].get("train", "–"), table[name].get("eval", "–")) for name in order]

@@ -1,16 +1,10 @@
 """Publish a run's output_dir to the Hugging Face Hub: the adapter, tokenizer, model card and results only.
 
-Only the top-level files matching PUSH_PATTERNS go up (never optimizer/scheduler/RNG states,
-training_args.bin, hf_dpo_run.json or checkpoint-* folders). They are staged as links in a temporary folder,
-with a public adapter_config.json and, for `push_run`, the card rendered for the repo, and scanned for the
-token before any request. `HfApi.upload_folder` does the rest, configured by huggingface_hub's own settings
-(HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE, HF_HUB_DISABLE_XET...), which hf_dpo reads and never changes.
-"""
+The files go up through `HfApi.upload_folder`, which follows huggingface_hub's own settings (HF_ENDPOINT,
+HF_TOKEN, HF_HUB_OFFLINE...); hf_dpo reads them and never changes them."""
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import json
 import mmap
 import os
@@ -18,17 +12,16 @@ import re
 import shlex
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from hf_dpo.card import HF_TOKEN_PATTERN, card_for_repo, is_local_path, local_name
 
-# Top-level files of an output_dir that a push uploads (fnmatch patterns on the file name).
+# The top-level files of an output_dir that a push uploads (fnmatch patterns): never optimizer, scheduler or
+# RNG states, training_args.bin, hf_dpo_run.json nor checkpoint-* folders.
 REQUIRED_FILES = ("adapter_model.safetensors", "adapter_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 TOKENIZER_FILES += ("chat_template.jinja", "*.model", "vocab.json", "merges.txt", "vocab.txt")
-CARD_FILES = ("README.md", "training_curves.png")
-RESULT_FILES = ("train_results.json", "eval_results.json", "all_results.json")
-PUSH_PATTERNS = REQUIRED_FILES + TOKENIZER_FILES + CARD_FILES + RESULT_FILES
+CARD_AND_RESULTS = ("README.md", "training_curves.png", "train_results.json", "eval_results.json")
+PUSH_PATTERNS = REQUIRED_FILES + TOKENIZER_FILES + CARD_AND_RESULTS + ("all_results.json",)
 DEFAULT_COMMIT_MESSAGE = "Upload DPO adapter with hf_dpo"
 # What the Hub's answer means, by HTTP status (5xx as 500).
 _HINTS = {
@@ -67,31 +60,62 @@ def push_folder(
     revision: str | None = None,
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
     path_in_repo: str | None = None,
+    render_card: bool = False,
 ) -> str:
-    """Create `repo_id` if needed and upload the allowlisted files of `output_dir` in one commit; its URL.
+    """Create `repo_id` if needed and upload the PUSH_PATTERNS files of `output_dir` in one commit; its URL.
 
-    `token` defaults to huggingface_hub's (HF_TOKEN or `hf auth login`). `private` applies when the repo is
-    created. `revision` is a branch, created from main if missing. `path_in_repo` uploads into that folder
-    of the repo and deletes the files already there that this push does not upload, so the folder mirrors
-    `output_dir` (a checkpoint pushed during training). A base model loaded from a local folder is named
-    by the folder's name only in the pushed adapter_config.json (the tiny model: "hf_dpo/tiny-llama").
-    """
-    kwargs = dict(token=token, private=private, revision=revision, commit_message=commit_message)
-    return _push(output_dir, repo_id, render_card=False, path_in_repo=path_in_repo, **kwargs)
+    `token` defaults to huggingface_hub's (HF_TOKEN or `hf auth login`); `private` applies to a new repo;
+    `revision` is a branch, created from main if missing. `path_in_repo` is a folder of the repo that is made
+    to mirror `output_dir` (a checkpoint pushed during training). `render_card`: see `push_run`."""
+    from huggingface_hub import HfApi
+
+    check_repo_id(repo_id)
+    folder_in_repo = (path_in_repo or "").rstrip("/") or None  # None: the repo root
+    if folder_in_repo and (folder_in_repo[0] == "/" or {"", ".", ".."} & set(folder_in_repo.split("/"))):
+        raise PushRefusedError(
+            f"Invalid path_in_repo {path_in_repo!r}: expected a folder like 'checkpoint-1'."
+        )
+    output_dir = Path(output_dir)
+    retry = retry_command(output_dir, repo_id, revision=revision, private=private)
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="hf_dpo_push_") as staging:
+        try:
+            _stage(output_dir, Path(staging), repo_id if render_card else None)
+            _refuse_secrets(Path(staging), token, commit_message)
+            # A bare name lands in the token owner's namespace: upload to the id the Hub answered with.
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            if revision not in (None, "main"):
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=staging,
+                path_in_repo=folder_in_repo,
+                delete_patterns=["*"] if folder_in_repo else None,  # relative to path_in_repo: stale files go
+                revision=revision,
+                commit_message=commit_message,
+            )
+        except PushRefusedError as err:  # nothing was sent
+            err.retry_command = retry
+            raise
+        except Exception as err:
+            push_error = _push_error(err, output_dir, repo_id, api.endpoint, retry)
+            if push_error is None:
+                raise  # not the Hub's nor the network's doing: a bug, with its own traceback
+            raise push_error from err
+    return str(commit.commit_url)
 
 
 def push_run(output_dir: str | os.PathLike, repo_id: str, **kwargs) -> str:
-    """`push_folder` (same keywords), with hf_dpo's unedited card rendered for `repo_id` if it was rendered for
-    another repo (or none) when the run was saved; a card edited by hand goes up as it is. Local files are
-    not changed."""
-    return _push(output_dir, repo_id, render_card=True, **kwargs)
+    """`push_folder`, with hf_dpo's card rendered for `repo_id` if it was rendered for another repo (or none)
+    and not edited since; local files are not changed."""
+    return push_folder(output_dir, repo_id, render_card=True, **kwargs)
 
 
 def check_repo_id(repo_id: str) -> None:
     """Raise PushRefusedError unless `repo_id` is a valid Hub model id: `namespace/name` or `name`."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not isinstance(repo_id, str) or not repo_id:
+    if not isinstance(repo_id, str):
         raise PushRefusedError(f"Invalid repo id {repo_id!r}: expected 'namespace/name' or 'name'.")
     try:
         validate_repo_id(repo_id)
@@ -104,7 +128,7 @@ def retry_command(
 ) -> str:
     """The shell command that pushes `output_dir` again (never with the token: it comes from the login)."""
     command = f"hf-dpo push {shlex.quote(str(output_dir))} --repo-id {shlex.quote(repo_id)}"
-    if revision is not None and revision != "main":
+    if revision not in (None, "main"):
         command += f" --revision {shlex.quote(revision)}"
     return command + (" --private" if private else "")
 
@@ -118,79 +142,21 @@ def public_adapter_config(output_dir: str | os.PathLike) -> bytes | None:
         config = json.loads((Path(output_dir) / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-    if not isinstance(base, str) or not base or not is_local_path(base):
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not is_local_path(base):
         return None
     is_tiny = (Path(base).expanduser() / "hf_dpo_tiny.json").is_file()  # the marker ensure_tiny_model writes
     config["base_model_name_or_path"] = TINY_MODEL_NAME if is_tiny else local_name(base)
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _push(
-    output_dir,
-    repo_id,
-    *,
-    render_card,
-    token=None,
-    private=None,
-    revision=None,
-    commit_message=None,
-    path_in_repo=None,
-) -> str:
-    from huggingface_hub import HfApi
-
-    output_dir, commit_message = Path(output_dir), commit_message or DEFAULT_COMMIT_MESSAGE
-    retry = (
-        retry_command(output_dir, repo_id, revision=revision, private=private)
-        if isinstance(repo_id, str)
-        else None
-    )
-    folder_in_repo = (path_in_repo or "").rstrip("/") or None  # None: the repo root
-    with tempfile.TemporaryDirectory(prefix="hf_dpo_push_") as staging:
-        try:
-            check_repo_id(repo_id)
-            if folder_in_repo and (
-                folder_in_repo[0] == "/" or {"", ".", ".."} & set(folder_in_repo.split("/"))
-            ):
-                raise PushRefusedError(
-                    f"Invalid path_in_repo {path_in_repo!r}: expected a folder like 'checkpoint-1'."
-                )
-            names = _stage(output_dir, Path(staging), repo_id if render_card else None)
-            _refuse_secrets(Path(staging), names, token, commit_message)
-        except PushRefusedError as err:
-            err.retry_command = retry
-            raise
-        api = HfApi(token=token)
-        try:
-            # A bare name lands in the token owner's namespace: upload to the id the Hub answered with.
-            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-            if revision is not None and revision != "main":
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
-            commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=staging,
-                path_in_repo=folder_in_repo,
-                allow_patterns=[glob.escape(name) for name in names],  # exact names: "*" would cross "/"
-                delete_patterns=["*"] if folder_in_repo else None,  # relative to path_in_repo: stale files go
-                revision=revision,
-                commit_message=commit_message,
-            )
-        except Exception as err:
-            push_error = _push_error(err, output_dir, repo_id, api.endpoint, retry)
-            if push_error is None:
-                raise  # not the Hub's nor the network's doing: a bug, with its own traceback
-            raise push_error from err
-    return str(commit.commit_url)
-
-
-def _stage(output_dir: Path, staging: Path, card_repo_id: str | None) -> list[str]:
-    """Link the files to push into `staging` (public adapter_config.json, card for `card_repo_id`); names."""
+def _stage(output_dir: Path, staging: Path, card_repo_id: str | None) -> None:
+    """Link the files to push into `staging`, with the public adapter_config.json and the card rendered for
+    `card_repo_id` (if any) written in place of the local files."""
     if not output_dir.is_dir():
         raise PushRefusedError(f"{output_dir} is not a folder: nothing to push.")
     names = sorted(
-        entry.name
-        for entry in os.scandir(output_dir)
-        if entry.is_file() and any(fnmatch.fnmatchcase(entry.name, pattern) for pattern in PUSH_PATTERNS)
+        {path.name for pattern in PUSH_PATTERNS for path in output_dir.glob(pattern) if path.is_file()}
     )
     if missing := [name for name in REQUIRED_FILES if name not in names]:
         raise PushRefusedError(
@@ -198,8 +164,8 @@ def _stage(output_dir: Path, staging: Path, card_repo_id: str | None) -> list[st
             "finished run, or one of its checkpoint-* folders after copying the tokenizer and card into it."
         )
     replaced = {"adapter_config.json": public_adapter_config(output_dir)}
-    if card_repo_id and "README.md" in names and (card := card_for_repo(output_dir, card_repo_id)):
-        replaced["README.md"] = card.encode("utf-8")
+    if card_repo_id and (card := card_for_repo(output_dir, card_repo_id)):
+        replaced["README.md"] = card.encode()
     for name in names:
         target = (output_dir / name).resolve()
         if not target.is_relative_to(output_dir.resolve()):
@@ -211,12 +177,11 @@ def _stage(output_dir: Path, staging: Path, card_repo_id: str | None) -> list[st
             (staging / name).write_bytes(replaced[name])
         else:
             (staging / name).symlink_to(target)
-    return names
 
 
-def _refuse_secrets(folder: Path, names: list[str], token: str | None, commit_message: str) -> None:
+def _refuse_secrets(folder: Path, token: str | None, commit_message: str) -> None:
     """Refuse the push if the token (given, or the one huggingface_hub would send) or any hf_... token is in
-    a file to push or in the commit message."""
+    a file of `folder` or in the commit message."""
     from huggingface_hub import get_token
 
     try:
@@ -225,18 +190,22 @@ def _refuse_secrets(folder: Path, names: list[str], token: str | None, commit_me
         tokens = {token}
     needles = [t.encode() for t in tokens if t and len(t) >= 8]  # shorter would match binaries by chance
     token_like = re.compile(HF_TOKEN_PATTERN.pattern.encode())
-    if any(n in commit_message.encode() for n in needles) or HF_TOKEN_PATTERN.search(commit_message):
+
+    def holds_token(data) -> bool:  # bytes or mmap
+        return any(data.find(needle) >= 0 for needle in needles) or token_like.search(data) is not None
+
+    if holds_token(commit_message.encode()):
         raise PushRefusedError("Refusing to push: the commit message contains a Hugging Face token.")
-    for name in names:
-        if (folder / name).stat().st_size == 0:
+    for path in sorted(folder.iterdir()):
+        if path.stat().st_size == 0:  # mmap refuses empty files
             continue
-        with open(folder / name, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            found = any(data.find(needle) >= 0 for needle in needles) or token_like.search(data)
-        if found:
-            raise PushRefusedError(
-                f"Refusing to push: {name} contains a Hugging Face token. Nothing was uploaded. Remove it "
-                "(and revoke the token at https://huggingface.co/settings/tokens if it was shared), then retry."
-            )
+        with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            if holds_token(data):
+                raise PushRefusedError(
+                    f"Refusing to push: {path.name} contains a Hugging Face token. Nothing was uploaded. Remove "
+                    "it (and revoke the token at https://huggingface.co/settings/tokens if it was shared), then "
+                    "retry."
+                )
 
 
 def _push_error(err: BaseException, output_dir: Path, repo_id: str, endpoint: str, retry: str):
@@ -254,14 +223,14 @@ def _push_error(err: BaseException, output_dir: Path, repo_id: str, endpoint: st
         err = err.__cause__ or err.__context__
     http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
     network = next((e for e in chain if isinstance(e, (httpx.TransportError, ConnectionError))), None)
-    status = None
+    status = http.response.status_code if http is not None else None
     if http is not None:
-        status, request = http.response.status_code, http.response.request
-        url = urlunsplit(urlsplit(str(request.url))[:3] + ("", ""))  # no query: upload signatures live there
+        request = http.response.request
+        url = request.url.copy_with(query=None)  # no query: upload signatures live there
         said = f"\nThe Hub said: {http.server_message.strip()}" if http.server_message else ""
-        hint = _HINTS.get(min(status, 500), "The Hub refused the request.")
         namespace = repo_id.split("/")[0] if "/" in repo_id else "your account"
-        message = f"HTTP {status} from {request.method} {url}.{said}\n{hint.format(namespace=namespace)}"
+        hint = _HINTS.get(min(status, 500), "The Hub refused the request.").format(namespace=namespace)
+        message = f"HTTP {status} from {request.method} {url}.{said}\n{hint}"
     elif any(isinstance(e, OfflineModeIsEnabled) for e in chain):
         message = "huggingface_hub is in offline mode; unset HF_HUB_OFFLINE to push."
     elif isinstance(network, httpx.TimeoutException):
