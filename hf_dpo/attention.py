@@ -121,6 +121,21 @@ def use_varlen_attention(model: torch.nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------------------ prompt sharing
+def can_share_prompt(models: dict, max_length: int | None) -> bool:
+    """Whether every named model ({"model": ..., "ref_model": ...}) can read each prompt once; if not, one log
+    line says why (the run then repeats the prompt before every completion, as without share_prompt)."""
+    import logging
+
+    for name, model in models.items():
+        reason = None if model is None else prompt_sharing_unsupported(model, max_length)
+        if reason is not None:
+            logging.getLogger("hf_dpo.trainer").warning(
+                "share_prompt is off for this run: the %s cannot share prompts: %s", name, reason
+            )
+            return False
+    return True
+
+
 def prompt_sharing_unsupported(model: torch.nn.Module, max_length: int | None) -> str | None:
     """Why `model` cannot run prompt-shared rows exactly, or None if it can (after `use_varlen_attention`).
 

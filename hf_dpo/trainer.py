@@ -1,11 +1,7 @@
-"""DPOTrainer: a transformers.Trainer whose loss is DPO.
+"""DPOTrainer: a transformers.Trainer whose loss is DPO, wired through transformers' public hooks only.
 
-One training step runs ONE policy forward over the batch's sequences (each prompt shared by its completions,
-or [chosen; rejected] rows), then gets the reference log-probs from the same model with the LoRA adapter
-disabled under no_grad (or from a frozen reference adapter, a separate model, or precomputed columns). The loss
-itself is `losses.preference_loss`; this module wires data, model, metrics and publishing together through
-transformers' public hooks (compute_loss, log, training_step, save_model, create_model_card, push_to_hub and
-callbacks).
+A step runs ONE policy forward over the batch (logps.batch_logps), the reference under no_grad
+(modeling.reference_policy, or precomputed columns), and losses.preference_loss on the two.
 """
 
 from __future__ import annotations
@@ -24,12 +20,12 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from .attention import prompt_sharing_unsupported, use_varlen_attention
-from .callbacks import (  # noqa: F401 (public names)
+from . import modeling
+from .attention import can_share_prompt, use_varlen_attention
+from .callbacks import (
     CheckpointMarker,
     HubPushAtSave,
     NonFiniteGuard,
-    NonFiniteLossError,
     SaveError,
     as_save_error,
     resolve_resume_checkpoint,
@@ -38,40 +34,24 @@ from .collator import PreferenceCollator
 from .config import DPOConfig, ModelArguments
 from .logps import SequenceLogps, batch_logps
 from .losses import LOSSES, LossSpec, metric_means, metric_sums, preference_loss
-from .modeling import (
-    REFERENCE_ADAPTER,
-    attach_adapter,
-    choose_reference,
-    describe_quantization,
-    load_model,
-    load_tokenizer,
-    prepare_model,
-    reference_policy,
-    unwrap,
-)
 
 logger = logging.getLogger(__name__)
 
-_CARD_SETTINGS = [
-    "loss_type",
-    "beta",
-    "label_smoothing",
-    "reference_free",
-    "logp_reduction",
-    "learning_rate",
+_CARD_SETTINGS = ("loss_type", "beta", "label_smoothing", "reference_free", "logp_reduction", "learning_rate")
+_CARD_SETTINGS += (
     "lr_scheduler_type",
     "optim",
     "num_train_epochs",
     "max_steps",
     "per_device_train_batch_size",
+)
+_CARD_SETTINGS += (
     "gradient_accumulation_steps",
     "max_length",
     "max_prompt_length",
     "precompute_ref_log_probs",
-    "padding_free",
-    "gradient_checkpointing",
-    "seed",
-]
+)
+_CARD_SETTINGS += ("padding_free", "gradient_checkpointing", "seed")
 
 
 class DPOTrainer(Trainer):
@@ -121,7 +101,7 @@ class DPOTrainer(Trainer):
 
         checkpointing = (args.gradient_checkpointing, args.gradient_checkpointing_kwargs)
         if isinstance(model, str):
-            loaded = load_model(
+            loaded = modeling.load_model(
                 ModelArguments(model_name_or_path=model),
                 peft_config=peft_config,
                 use_cpu=args.use_cpu,
@@ -130,20 +110,22 @@ class DPOTrainer(Trainer):
             )
             model, processing_class = loaded.model, processing_class or loaded.tokenizer
         elif peft_config is not None:
-            model = attach_adapter(model, peft_config, *checkpointing)
-        prepare_model(model, args)
+            model = modeling.attach_adapter(model, peft_config, *checkpointing)
+        modeling.prepare_model(model, args)
         if ref_model is not None:
-            prepare_model(ref_model, args, is_reference=True).requires_grad_(False)
+            modeling.prepare_model(ref_model, args, is_reference=True).requires_grad_(False)
         self.loss_spec = LossSpec.from_config(args)
-        self.reference = choose_reference(model, args, ref_model)
+        self.reference = modeling.choose_reference(model, args, ref_model)
         # Each prompt read once per row, [prompt | completion 0 | ...], where the model's attention allows it;
         # completions must not see each other, which hf_dpo's attention ensures.
-        self.share_prompt = args.share_prompt and _can_share_prompt(model, ref_model, args.max_length)
+        self.share_prompt = args.share_prompt and can_share_prompt(
+            {"model": model, "ref_model": ref_model}, args.max_length
+        )
         if self.share_prompt:
             for candidate in (model, self.reference.model):
                 if candidate is not None:
                     use_varlen_attention(candidate)
-        processing_class = processing_class or load_tokenizer(_model_name(model))
+        processing_class = processing_class or modeling.load_tokenizer(_model_name(model))
         # Under several processes the main one tokenises (and fills the `datasets` cache) first; the others
         # then read its cache instead of racing to write the same files.
         with args.main_process_first(desc="tokenising the preference data"):
@@ -246,7 +228,7 @@ class DPOTrainer(Trainer):
             return None
         if "ref_logps" in inputs:
             return inputs["ref_logps"]
-        with torch.no_grad(), reference_policy(model, self.reference) as reference_model:
+        with torch.no_grad(), modeling.reference_policy(model, self.reference) as reference_model:
             out = self.sequence_logps(reference_model, inputs, with_stats=False)
         return _by_row(out.logps, inputs["response_mask"]).detach()
 
@@ -330,15 +312,16 @@ class DPOTrainer(Trainer):
         with self._save_faults():
             super().save_model(output_dir, _internal_call=True)
             if self.args.should_save:
-                if self.reference.adapter == REFERENCE_ADAPTER:  # the frozen copy is not part of the result
-                    shutil.rmtree(Path(output_dir) / REFERENCE_ADAPTER, ignore_errors=True)
+                # The frozen reference copy is not part of the result (peft saves every adapter).
+                if self.reference.adapter == modeling.REFERENCE_ADAPTER:
+                    shutil.rmtree(Path(output_dir) / modeling.REFERENCE_ADAPTER, ignore_errors=True)
                 self.write_model_card(output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save")
 
     @contextlib.contextmanager
     def _save_faults(self) -> Iterator[None]:
-        """Turn a machine fault while saving into SaveError (see callbacks.as_save_error)."""
+        """Turn a machine fault while saving into SaveError (see as_save_error)."""
         try:
             yield
         except SaveError:
@@ -443,8 +426,8 @@ class DPOTrainer(Trainer):
         settings.update(
             share_prompt=self.share_prompt, global_step=self.state.global_step
         )  # the values in effect
-        settings.update(world_size=args.world_size, quantization=describe_quantization(self.model))
-        peft_model = unwrap(self.model)
+        settings.update(world_size=args.world_size, quantization=modeling.describe_quantization(self.model))
+        peft_model = modeling.unwrap(self.model)
         lora = getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", None))
         if lora is not None:
             targets = lora.target_modules
@@ -459,17 +442,6 @@ def _each_split(dataset, function):
     if isinstance(dataset, dict):
         return {name: function(split, name) for name, split in dataset.items()}
     return None if dataset is None else function(dataset, "eval")
-
-
-def _can_share_prompt(model, ref_model, max_length: int | None) -> bool:
-    """Whether the policy (and a separate reference model) can read each prompt once; if not, says why in
-    one log line (the run then repeats the prompt before every completion, as without share_prompt)."""
-    for name, candidate in (("model", model), ("ref_model", ref_model)):
-        reason = None if candidate is None else prompt_sharing_unsupported(candidate, max_length)
-        if reason is not None:
-            logger.warning("share_prompt is off for this run: the %s cannot share prompts: %s", name, reason)
-            return False
-    return True
 
 
 def _pad_token_id(tokenizer, pad_token: str | None) -> int:
@@ -505,7 +477,7 @@ def _model_name(model: nn.Module) -> str:
     """The base model's name or path (a Hub id, a local folder, or the tiny model's name)."""
     from .tiny import TINY_MODEL_NAME
 
-    inner = unwrap(model)
+    inner = modeling.unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     name = str(getattr(getattr(base, "config", None), "_name_or_path", "") or "")
     if name and (Path(name) / "hf_dpo_tiny.json").is_file():
