@@ -6,39 +6,21 @@ import importlib
 
 __version__ = "0.1.0"
 
-# Public names, imported on first use so that `hf-dpo --version` does not load torch.
-_EXPORTS = {
-    "DPOConfig": "config",
-    "ModelArguments": "config",
-    "DataArguments": "config",
-    "DPOTrainer": "trainer",
-    "NonFiniteLossError": "callbacks",
-    "SaveError": "callbacks",
-    "HubPushError": "hub",
-    "load_preference_data": "data",
-    "tokenize_preference_dataset": "data",
-    "PreferenceDataError": "data",
-    "PreferenceCollator": "collator",
-    "load_model": "modeling",
-    "prepare_model": "modeling",
-    "sequence_logps": "logps",
-    "sequence_logps_from_hidden": "logps",
-    "preference_loss": "losses",
-    "LossSpec": "losses",
-    "LOSSES": "losses",
-    "LOSS_TYPES": "losses",
-    "validate_loss_options": "losses",
-    "needs_reference": "losses",
-    "sigmoid_loss": "losses",
-    "ipo_loss": "losses",
-    "hinge_loss": "losses",
-    "robust_loss": "losses",
-    "simpo_loss": "losses",
-    "sft_loss": "losses",
-    "plackett_luce_loss": "losses",
-    "ensure_tiny_model": "tiny",
+# Public names by module, imported on first use so that `hf-dpo --version` does not load torch.
+_MODULES = {
+    "config": "DPOConfig ModelArguments DataArguments",
+    "trainer": "DPOTrainer",
+    "callbacks": "NonFiniteLossError SaveError",
+    "hub": "HubPushError",
+    "data": "load_preference_data tokenize_preference_dataset PreferenceDataError",
+    "collator": "PreferenceCollator",
+    "modeling": "load_model prepare_model",
+    "logps": "sequence_logps sequence_logps_from_hidden",
+    "losses": "preference_loss LossSpec LOSSES LOSS_TYPES validate_loss_options needs_reference sigmoid_loss "
+    "ipo_loss hinge_loss robust_loss simpo_loss sft_loss plackett_luce_loss",
+    "tiny": "ensure_tiny_model",
 }
-
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names.split()}
 __all__ = ["__version__", *_EXPORTS]
 
 
