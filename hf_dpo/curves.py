@@ -16,8 +16,7 @@ CURVE_METRICS = (
 
 
 def training_curves_figure(log_history: list[dict]):
-    """A matplotlib Figure with one panel per metric of CURVE_METRICS that was logged (train and eval lines
-    against the entry's `step`), or None if none was."""
+    """A matplotlib Figure, a panel per logged metric of CURVE_METRICS (train, eval against step), or None."""
     from matplotlib.figure import Figure
 
     def points(key: str) -> list[tuple[float, float]]:
@@ -43,10 +42,8 @@ def training_curves_figure(log_history: list[dict]):
 
 
 def plot_training_curves(log_history: list[dict], path: str | os.PathLike) -> Path | None:
-    """Draw the curves into the PNG `path` (into `training_curves.png` if `path` is a folder) and return its
-    path; None, and no file, if nothing was logged. `log_history` is the trainer state's log_history."""
-    figure = training_curves_figure(log_history)
-    if figure is None:
+    """Draw the trainer's `log_history` into the PNG `path` (or `path`/training_curves.png); None if no curve."""
+    if (figure := training_curves_figure(log_history)) is None:
         return None
     path = Path(path) / CURVES_FILE if Path(path).is_dir() else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

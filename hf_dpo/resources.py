@@ -1,8 +1,5 @@
-"""Files hf_dpo ships beside its code: the model card template, the bundled sample data, the recipe configs.
-
-They live at the top of the source checkout (`model_card_template.md`, `data/`, `recipes/configs/`), where
-people read and edit them; a wheel carries copies under `hf_dpo/_bundled/` (pyproject.toml, force-include).
-"""
+"""Files hf_dpo ships: the model card template, the sample data, the recipe configs. They live at the
+checkout's top, where people edit them; a wheel carries copies under `hf_dpo/_bundled/` (pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -12,10 +9,9 @@ from pathlib import Path
 
 def bundled_file(relative: str) -> Path:
     """The shipped file at `relative` (a path from the checkout's top, e.g. "data/dpo_data.jsonl")."""
-    packaged = importlib.resources.files("hf_dpo").joinpath("_bundled", relative)
-    if packaged.is_file() or packaged.is_dir():  # an installed wheel
-        return Path(str(packaged))
+    packaged = Path(str(importlib.resources.files("hf_dpo").joinpath("_bundled", relative)))  # a wheel
     checkout = Path(__file__).resolve().parent.parent / relative  # a source checkout / editable install
-    if checkout.exists():
-        return checkout
+    for path in (packaged, checkout):
+        if path.exists():
+            return path
     raise FileNotFoundError(f"{relative} is missing from this hf_dpo install; reinstall hf_dpo")
