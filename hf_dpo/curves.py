@@ -42,7 +42,7 @@ def training_curves_figure(log_history: list[dict]):
 
 
 def plot_training_curves(log_history: list[dict], path: str | os.PathLike) -> Path | None:
-    """Draw the trainer's `log_history` into the PNG `path` (or `path`/training_curves.png); None if no curve."""
+    """Draw `log_history` into the PNG `path` (or `path`/training_curves.png); None, and no file, if no curve."""
     if (figure := training_curves_figure(log_history)) is None:
         return None
     path = Path(path) / CURVES_FILE if Path(path).is_dir() else Path(path)
