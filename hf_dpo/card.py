@@ -1,9 +1,6 @@
-"""The model card (README.md) of a trained adapter: a `huggingface_hub.ModelCard` rendered from a template.
-
-Python computes the values, all public (no secret, no local path); model_card_template.md, or
-`DPOConfig.model_card_template`, writes every word. `write_card` records the inputs in hf_dpo_run.json so
-that `hf-dpo push --repo-id X` can publish the card rendered for X, unless README.md was edited since.
-"""
+"""The model card (README.md) of an adapter: a `huggingface_hub.ModelCard` rendered from model_card_template.md
+(or `DPOConfig.model_card_template`), which writes every word, from public values (no secret, no local path).
+hf_dpo_run.json records the inputs so that `hf-dpo push --repo-id X` can render the card for X."""
 
 from __future__ import annotations
 
@@ -75,8 +72,8 @@ def write_card(output_dir: str | os.PathLike, inputs: Mapping[str, Any], *, temp
     """Write README.md, and hf_dpo_run.json (the inputs, the template and the card's hash); returns README.md."""
     output_dir = Path(output_dir)
     record = {key: value for key, value in inputs.items() if not _SECRET_KEY.search(str(key))}
-    record["training"] = _public(inputs.get("training") or {}, cut_paths=False)
-    record["results"] = _public(inputs.get("results") or {}, cut_paths=False)
+    for key in ("training", "results"):  # full paths kept: hf_dpo_run.json is never pushed
+        record[key] = _public(inputs.get(key) or {}, cut_paths=False)
     record["versions"] = inputs.get("versions") or framework_versions()  # a later re-render keeps them
     card = render_card(output_dir, record, template_path=template_path).encode("utf-8")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -88,8 +85,8 @@ def write_card(output_dir: str | os.PathLike, inputs: Mapping[str, Any], *, temp
 
 
 def card_for_repo(output_dir: str | os.PathLike, repo_id: str) -> str | None:
-    """README.md rendered for `repo_id` if it is hf_dpo's unedited card rendered for another repo (or none);
-    None when README.md goes up as it is (edited by hand, not hf_dpo's, or already for `repo_id`)."""
+    """hf_dpo's unedited card rendered for `repo_id`; None when README.md goes up as it is (edited by hand,
+    not hf_dpo's, or already for `repo_id`)."""
     try:
         run = json.loads((Path(output_dir) / RUN_INFO_FILE).read_text(encoding="utf-8"))
         readme = (Path(output_dir) / "README.md").read_bytes()
@@ -97,8 +94,8 @@ def card_for_repo(output_dir: str | os.PathLike, repo_id: str) -> str | None:
         return None
     if run.get("hub_model_id") == repo_id or run.get("card_sha256") != hashlib.sha256(readme).hexdigest():
         return None  # already for repo_id, or edited since it was written: the user's words go up untouched
-    inputs = {**run, "hub_model_id": repo_id}
     try:
+        inputs = {**run, "hub_model_id": repo_id}
         return render_card(output_dir, inputs, template_path=run.get("model_card_template"))
     except (OSError, ValueError) as err:  # a template that moved or broke: the card as written still holds
         logger.warning("model card not rendered for %s (%s); pushing README.md as it is", repo_id, err)
@@ -202,15 +199,13 @@ def format_value(value: Any) -> str:
 
 
 def _public(values: Mapping[str, Any], cut_paths: bool = True) -> dict[str, Any]:
-    """`values` without secret-named keys and token-holding strings; absolute or home-relative paths cut to
-    their last component unless `cut_paths` is false (hf_dpo_run.json, which is never pushed, keeps them)."""
+    """`values` less secret-named keys and token-holding strings; with `cut_paths`, absolute or ~ paths cut to
+    their last part (hf_dpo_run.json, never pushed, keeps them)."""
     public = {}
     for key, value in values.items():
         if _SECRET_KEY.search(key) or (isinstance(value, str) and HF_TOKEN_PATTERN.search(value)):
             continue
-        path = isinstance(value, (str, os.PathLike)) and (
-            os.path.isabs(value) or os.fspath(value).startswith("~")
-        )
+        path = isinstance(value, (str, os.PathLike)) and (os.path.isabs(value) or str(value).startswith("~"))
         public[key] = local_name(os.fspath(value)) if cut_paths and path else value
     return public
 
