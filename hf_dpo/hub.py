@@ -22,7 +22,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 TOKENIZER_FILES += ("chat_template.jinja", "*.model", "vocab.json", "merges.txt", "vocab.txt")
 CARD_AND_RESULTS = ("README.md", "training_curves.png", "train_results.json", "eval_results.json")
 PUSH_PATTERNS = REQUIRED_FILES + TOKENIZER_FILES + CARD_AND_RESULTS + ("all_results.json",)
-DEFAULT_COMMIT_MESSAGE = "Upload DPO adapter with hf_dpo"
 # What the Hub's answer means, by HTTP status (5xx as 500).
 _HINTS = {
     401: "The Hub did not accept the token: log in with `hf auth login`, or set HF_TOKEN to a write token.",
@@ -47,8 +46,8 @@ class HubPushError(RuntimeError):
 
 
 class PushRefusedError(HubPushError, ValueError):
-    """Refused before any request: invalid repo id or path_in_repo, no adapter, a token in a file, a file
-    linked from outside output_dir. A HubPushError too, so one `except HubPushError` covers a push."""
+    """Refused before any request (bad repo id or path_in_repo, no adapter, a token in a file, a file linked
+    from outside output_dir); a HubPushError too, so one `except HubPushError` covers a push."""
 
 
 def push_folder(
@@ -58,15 +57,13 @@ def push_folder(
     token: str | None = None,
     private: bool | None = None,
     revision: str | None = None,
-    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    commit_message: str = "Upload DPO adapter with hf_dpo",
     path_in_repo: str | None = None,
     render_card: bool = False,
 ) -> str:
     """Create `repo_id` if needed and upload the PUSH_PATTERNS files of `output_dir` in one commit; its URL.
-
-    `token` defaults to huggingface_hub's (HF_TOKEN or `hf auth login`); `private` applies to a new repo;
-    `revision` is a branch, created from main if missing. `path_in_repo` is a folder of the repo that is made
-    to mirror `output_dir` (a checkpoint pushed during training). `render_card`: see `push_run`."""
+    `token` defaults to huggingface_hub's; `private` applies to a new repo; `revision` is a branch, created if
+    missing; `path_in_repo`, a folder made to mirror `output_dir`; `render_card`: see `push_run`."""
     from huggingface_hub import HfApi
 
     check_repo_id(repo_id)
@@ -134,8 +131,7 @@ def retry_command(
 
 
 def public_adapter_config(output_dir: str | os.PathLike) -> bytes | None:
-    """adapter_config.json as published, or None when it goes up unchanged: a base model loaded from a
-    local folder is named by the folder's last component ("hf_dpo/tiny-llama" for the tiny model's)."""
+    """adapter_config.json with a local base model named by its folder ("hf_dpo/tiny-llama"), or None if unchanged."""
     from hf_dpo.tiny import TINY_MODEL_NAME
 
     try:
@@ -151,13 +147,11 @@ def public_adapter_config(output_dir: str | os.PathLike) -> bytes | None:
 
 
 def _stage(output_dir: Path, staging: Path, card_repo_id: str | None) -> None:
-    """Link the files to push into `staging`, with the public adapter_config.json and the card rendered for
-    `card_repo_id` (if any) written in place of the local files."""
+    """Link the files to push into `staging`; the public adapter_config.json and the card for `card_repo_id`
+    are written there instead."""
     if not output_dir.is_dir():
         raise PushRefusedError(f"{output_dir} is not a folder: nothing to push.")
-    names = sorted(
-        {path.name for pattern in PUSH_PATTERNS for path in output_dir.glob(pattern) if path.is_file()}
-    )
+    names = sorted({p.name for pattern in PUSH_PATTERNS for p in output_dir.glob(pattern) if p.is_file()})
     if missing := [name for name in REQUIRED_FILES if name not in names]:
         raise PushRefusedError(
             f"{output_dir} holds no adapter to push (missing {', '.join(missing)}). Pass the output_dir of a "
@@ -180,8 +174,7 @@ def _stage(output_dir: Path, staging: Path, card_repo_id: str | None) -> None:
 
 
 def _refuse_secrets(folder: Path, token: str | None, commit_message: str) -> None:
-    """Refuse the push if the token (given, or the one huggingface_hub would send) or any hf_... token is in
-    a file of `folder` or in the commit message."""
+    """Refuse the push if the token (given or huggingface_hub's) or any hf_... token is in a file or the message."""
     from huggingface_hub import get_token
 
     try:
