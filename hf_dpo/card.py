@@ -85,8 +85,7 @@ def write_card(output_dir: str | os.PathLike, inputs: Mapping[str, Any], *, temp
 
 
 def card_for_repo(output_dir: str | os.PathLike, repo_id: str) -> str | None:
-    """hf_dpo's unedited card rendered for `repo_id`; None when README.md goes up as it is (edited by hand,
-    not hf_dpo's, or already for `repo_id`)."""
+    """hf_dpo's unedited card re-rendered for `repo_id`; None: README.md goes up as is (edited, or same repo)."""
     try:
         run = json.loads((Path(output_dir) / RUN_INFO_FILE).read_text(encoding="utf-8"))
         readme = (Path(output_dir) / "README.md").read_bytes()
@@ -199,8 +198,7 @@ def format_value(value: Any) -> str:
 
 
 def _public(values: Mapping[str, Any], cut_paths: bool = True) -> dict[str, Any]:
-    """`values` less secret-named keys and token-holding strings; with `cut_paths`, absolute or ~ paths cut to
-    their last part (hf_dpo_run.json, never pushed, keeps them)."""
+    """`values` less secret keys and token-holding strings; absolute or ~ paths cut to a name if `cut_paths`."""
     public = {}
     for key, value in values.items():
         if _SECRET_KEY.search(key) or (isinstance(value, str) and HF_TOKEN_PATTERN.search(value)):

@@ -1,7 +1,5 @@
-"""Publish a run's output_dir to the Hugging Face Hub: the adapter, tokenizer, model card and results only.
-
-The files go up through `HfApi.upload_folder`, which follows huggingface_hub's own settings (HF_ENDPOINT,
-HF_TOKEN, HF_HUB_OFFLINE...); hf_dpo reads them and never changes them."""
+"""Publish a run's output_dir (adapter, tokenizer, card, results only) to the Hub with `HfApi.upload_folder`,
+under huggingface_hub's own settings (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE...), which hf_dpo never changes."""
 
 from __future__ import annotations
 
@@ -46,8 +44,7 @@ class HubPushError(RuntimeError):
 
 
 class PushRefusedError(HubPushError, ValueError):
-    """Refused before any request (bad repo id or path_in_repo, no adapter, a token in a file, a file linked
-    from outside output_dir); a HubPushError too, so one `except HubPushError` covers a push."""
+    """Refused before any request (bad repo id, no adapter, a token in a file...); a HubPushError too."""
 
 
 def push_folder(
@@ -103,8 +100,7 @@ def push_folder(
 
 
 def push_run(output_dir: str | os.PathLike, repo_id: str, **kwargs) -> str:
-    """`push_folder`, with hf_dpo's card rendered for `repo_id` if it was rendered for another repo (or none)
-    and not edited since; local files are not changed."""
+    """`push_folder` with hf_dpo's card, unless edited since, rendered for `repo_id` (local files unchanged)."""
     return push_folder(output_dir, repo_id, render_card=True, **kwargs)
 
 
@@ -131,7 +127,7 @@ def retry_command(
 
 
 def public_adapter_config(output_dir: str | os.PathLike) -> bytes | None:
-    """adapter_config.json with a local base model named by its folder ("hf_dpo/tiny-llama"), or None if unchanged."""
+    """adapter_config.json naming a local base model by its folder (or "hf_dpo/tiny-llama"); None if unchanged."""
     from hf_dpo.tiny import TINY_MODEL_NAME
 
     try:
@@ -147,8 +143,7 @@ def public_adapter_config(output_dir: str | os.PathLike) -> bytes | None:
 
 
 def _stage(output_dir: Path, staging: Path, card_repo_id: str | None) -> None:
-    """Link the files to push into `staging`; the public adapter_config.json and the card for `card_repo_id`
-    are written there instead."""
+    """Link the files to push into `staging`, writing there the public adapter_config.json and the card."""
     if not output_dir.is_dir():
         raise PushRefusedError(f"{output_dir} is not a folder: nothing to push.")
     names = sorted({p.name for pattern in PUSH_PATTERNS for p in output_dir.glob(pattern) if p.is_file()})
@@ -174,7 +169,7 @@ def _stage(output_dir: Path, staging: Path, card_repo_id: str | None) -> None:
 
 
 def _refuse_secrets(folder: Path, token: str | None, commit_message: str) -> None:
-    """Refuse the push if the token (given or huggingface_hub's) or any hf_... token is in a file or the message."""
+    """Refuse the push if the token (given or the login's) or any hf_... token is in a file or the message."""
     from huggingface_hub import get_token
 
     try:
