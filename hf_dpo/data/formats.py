@@ -146,7 +146,6 @@ def _conversation(prompt: Any, sides: list, where: Where, fields: Fields) -> tup
         prompt = [{"role": "user", "content": prompt}]
     elif not (prompt := _messages(prompt, fields.prompt, where)):
         raise where.error(fields.prompt, "empty prompt: no messages")
-    # A conversation that repeats the prompt has it stripped once.
     completions = [msgs[len(prompt) :] if msgs[: len(prompt)] == prompt else msgs for _, msgs in sides]
     for (key, _), msgs in zip(sides, completions):
         if not any(m["content"].strip() for m in msgs):
@@ -308,11 +307,11 @@ def check_pairs_for_loss(dataset: datasets.Dataset, loss_type: str | list[str], 
     col = "completions" if "completions" in dataset.column_names else "completion_input_ids"
     if accepts_ranked(loss_type) or col not in dataset.column_names:
         return
-    lists = dataset.select_columns([col]).with_format("arrow")
-    for start in range(0, len(dataset), 10_000):  # in slices: memory stays bounded on a filtered dataset
-        counts = pc.list_value_length(lists[start : start + 10_000][col])
+    # In batches, so that memory stays bounded on a filtered dataset.
+    for n, batch in enumerate(dataset.select_columns([col]).with_format("arrow").iter(10_000)):
+        counts = pc.list_value_length(batch[col])
         if pc.max(counts).as_py() > 2:
-            row = dataset[start + pc.index(pc.greater(counts, 2), True).as_py()]
+            row = dataset[n * 10_000 + pc.index(pc.greater(counts, 2), True).as_py()]
             names = [loss_type] if isinstance(loss_type, str) else loss_type
             pairwise = next(name for name in names if not accepts_ranked(name))
             reason = f"a ranked row with {len(row[col])} responses, but loss_type={pairwise!r} takes pairs"

@@ -82,8 +82,7 @@ def _tokenize_batch(batch: dict, tokenizer, max_length, max_prompt_length, split
     out: dict[str, list] = {"prompt_input_ids": [], "completion_input_ids": [], "_truncated": [], "_drop": []}
     for special, start, texts_of_row in rows:
         prompt, fulls = encoded[special][start], encoded[special][start + 1 : start + 1 + len(texts_of_row)]
-        # BPE merged across the boundary where the full ids do not start with the prompt's: encode the
-        # completion on its own.
+        # Where BPE merged across the boundary (the full ids do not start with the prompt's), encode it alone.
         clean = [full[: len(prompt)] == prompt for full in fulls]
         merged = [text for text, ok in zip(texts_of_row, clean) if not ok]
         alone = iter(encode(merged, False) if merged else [])
