@@ -30,7 +30,7 @@ SOURCE_FEATURES = datasets.Features({"source_line": _LINE, "source_name": _TEXT,
 
 
 class PreferenceDataError(ValueError):
-    """Bad preference data; the message names the source (`path`), `line` (a `line_kind`) and `field`."""
+    """Bad preference data; the message names the source (`path`), `line` ("line" or "row") and `field`."""
 
     def __init__(self, reason: str, path=None, line: int | None = None, field=None, line_kind="line"):
         self.reason, self.path, self.line, self.field, self.line_kind = reason, path, line, field, line_kind
