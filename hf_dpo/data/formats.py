@@ -1,6 +1,5 @@
-"""The four record formats (DESIGN.md, "Record formats": seed, explicit, conversational, ranked) normalised
-into one schema by one batched `Dataset.map`; then rows without a preference are counted and dropped, the
-test split is held out, and (on request) ranked rows are expanded into pairs."""
+"""The four record formats (DESIGN.md, "Record formats") normalised into one schema by one batched map; then
+rows without a preference are dropped and counted, the test split held out, and ranked rows paired on request."""
 
 from __future__ import annotations
 
@@ -31,8 +30,6 @@ _MAP = {"batched": True, "with_indices": True, "features": _MAP_FEATURES, "desc"
 FORMAT_VERSION = "1"  # part of the cache key: bump it when normalised rows change
 RANKED_MODES = ("plackett_luce", "pairs")
 DROP_IDENTICAL = "chosen identical to rejected"
-DROP_FEWER_THAN_TWO = "fewer than 2 distinct responses"
-DROP_SCORES_TIED = "all scores tied"
 _RANKED_FIX = "pass --loss_type plackett_luce, or --ranked_mode pairs to expand ranked rows into pairs"
 _MAX_DROP_WARNINGS = 10  # per split: the first few dropped rows are named, the rest only counted
 Fields = namedtuple("Fields", "prompt chosen rejected responses scores")  # chosen None: "chosen" or "chose"
@@ -79,7 +76,7 @@ def _expect(value: Any, kind: type, what: str, field: str | None, where: Where) 
 
 def _completion(text: str, prompt: str, field: str, where: Where) -> str:
     """`text` without `prompt` if it repeats it; it must not be blank."""
-    text = text[len(prompt) :] if prompt and text.startswith(prompt) else text
+    text = text.removeprefix(prompt)
     if not text.strip():
         raise where.error(field, "empty completion text")
     return text
@@ -101,23 +98,22 @@ def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
     present = [k for k in ("chosen", "chose") if k in value] or ["chosen"]  # the seed wrote "chose"
     chosen_key = fields.chosen or next((k for k in present if value.get(k) is not None), present[0])
     for key in (chosen_key, fields.rejected):
-        if key in value and value[key] is None:
-            raise where.error(key, f"field {key!r} is null")
         if key not in value:
             names = sorted(map(str, value))
             shown = ", ".join(repr(k[:40]) for k in names[:20]) + ", ..." * (len(names) > 20)
             alias = " (or 'chose')" if key == "chosen" and fields.chosen is None else ""
             raise where.error(key, f"missing field {key!r}{alias}; the row has fields: [{shown}]")
+        if value[key] is None:
+            raise where.error(key, f"field {key!r} is null")
     chosen, rejected, prompt = value[chosen_key], value[fields.rejected], value.get(fields.prompt)
     if any(isinstance(v, list) for v in (chosen, rejected, prompt)):
         return _conversation(prompt, [(chosen_key, chosen), (fields.rejected, rejected)], where, fields)
     chosen = _expect(chosen, str, "a string", chosen_key, where)
     rejected = _expect(rejected, str, "a string", fields.rejected, where)
-    if prompt is None and chosen == rejected:
-        return DROP_IDENTICAL
     if prompt is None:  # the seed's format: the prompt is the shared start of both texts
-        # The common prefix cut back to its last whitespace, which starts the completions (as in TRL):
-        # tokenizers attach a space to the word after it, and no word is split.
+        if chosen == rejected:
+            return DROP_IDENTICAL
+        # cut back to its last whitespace, which starts the completions (as in TRL): no word is split
         common = os.path.commonprefix([chosen, rejected])
         prompt = common[: max((i for i, char in enumerate(common) if char.isspace()), default=0)]
         if not prompt:
@@ -146,12 +142,10 @@ def _conversation(prompt: Any, sides: list, where: Where, fields: Fields) -> tup
         if not prompt:
             reason = "share no leading prompt messages (add a 'prompt')"
             raise where.error(chosen_key, f"{chosen_key!r} and {fields.rejected!r} {reason}")
-    else:
-        as_text = isinstance(prompt, str)
-        prompt = [{"role": "user", "content": prompt}] if as_text else _messages(prompt, fields.prompt, where)
-        if not prompt:
-            raise where.error(fields.prompt, "empty prompt: no messages")
-    # A conversation that repeats the prompt has it stripped once.
+    elif isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    elif not (prompt := _messages(prompt, fields.prompt, where)):
+        raise where.error(fields.prompt, "empty prompt: no messages")
     completions = [msgs[len(prompt) :] if msgs[: len(prompt)] == prompt else msgs for _, msgs in sides]
     for (key, _), msgs in zip(sides, completions):
         if not any(m["content"].strip() for m in msgs):
@@ -187,8 +181,8 @@ def _ranked(value: dict, where: Where, fields: Fields) -> tuple | str:
     kept = list(dict.fromkeys(texts))  # a duplicate response keeps its best rank
     scores = None if scores is None else [scores[texts.index(text)] for text in kept]
     if len(kept) < 2:
-        return DROP_FEWER_THAN_TWO
-    return DROP_SCORES_TIED if scores and len(set(scores)) == 1 else (prompt, kept, "", scores)
+        return "fewer than 2 distinct responses"
+    return "all scores tied" if scores and len(set(scores)) == 1 else (prompt, kept, "", scores)
 
 
 def _normalise_batch(batch: dict, indices: list[int], name: str, kind: str, fields: Fields) -> dict:
@@ -256,13 +250,10 @@ def load_preference_data(
     cache_dir: str | os.PathLike | None = None,
     return_stats: bool = False,
 ) -> datasets.DatasetDict | tuple[datasets.DatasetDict, dict[str, SplitStats]]:
-    """Read preference data from a file, folder, saved dataset, `datasets` id or in-memory dataset into
-    "train" and, with `test_split` (a split of the source) or `test_size` (a fraction in (0, 1) or a row
-    count, held out of the kept rows by `Dataset.train_test_split` with `seed`), "test". Columns: prompt,
-    completions (best first), source_line, messages_json, source_name, source_kind. `ranked_mode="pairs"`
-    expands ranked rows into (better, worse) pairs after the split, so a prompt's pairs stay together.
-    Cached by `datasets` (files read under `cache_dir` if given). `return_stats`: also {split: SplitStats}.
-    """
+    """A file, folder, saved dataset, `datasets` id or in-memory dataset -> "train" and, with `test_split` (a
+    source split) or `test_size` (a fraction or count of the kept rows, held out with `seed`), "test": prompt,
+    completions (best first), messages_json and the source columns. `ranked_mode="pairs"` pairs ranked rows
+    after the split; cached by `datasets` (under `cache_dir`); `return_stats`: also {split: SplitStats}."""
     label = str(source) if isinstance(source, (str, os.PathLike)) else f"<{type(source).__name__}>"
     if ranked_mode not in RANKED_MODES:
         reason = f"ranked_mode must be one of {RANKED_MODES}, got {ranked_mode!r}"
@@ -316,11 +307,11 @@ def check_pairs_for_loss(dataset: datasets.Dataset, loss_type: str | list[str], 
     col = "completions" if "completions" in dataset.column_names else "completion_input_ids"
     if accepts_ranked(loss_type) or col not in dataset.column_names:
         return
-    lists = dataset.select_columns([col]).with_format("arrow")
-    for start in range(0, len(dataset), 10_000):  # in slices: memory stays bounded on a filtered dataset
-        counts = pc.list_value_length(lists[start : start + 10_000][col])
+    # In batches, so that memory stays bounded on a filtered dataset.
+    for n, batch in enumerate(dataset.select_columns([col]).with_format("arrow").iter(10_000)):
+        counts = pc.list_value_length(batch[col])
         if pc.max(counts).as_py() > 2:
-            row = dataset[start + pc.index(pc.greater(counts, 2), True).as_py()]
+            row = dataset[n * 10_000 + pc.index(pc.greater(counts, 2), True).as_py()]
             names = [loss_type] if isinstance(loss_type, str) else loss_type
             pairwise = next(name for name in names if not accepts_ranked(name))
             reason = f"a ranked row with {len(row[col])} responses, but loss_type={pairwise!r} takes pairs"

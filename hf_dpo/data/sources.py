@@ -1,8 +1,6 @@
-"""Reading preference data into raw `datasets.Dataset` parts, one per file or source split. JSON Lines
-(`.jsonl`, or a `.json` file holding JSON Lines) is read by hand, so that messages name the exact line
-(1-based, blank lines counted), and streamed into a cached Dataset. Everything else (JSON arrays, Parquet,
-CSV, saved datasets, folders of files, `datasets` ids, in-memory datasets) goes through
-`datasets.load_dataset` / `load_from_disk`, and its rows are named "row N" (1-based)."""
+"""Reading preference data into raw `datasets.Dataset` parts, one per file or source split. JSON Lines is read
+by hand into a cached Dataset, so that messages name the exact line (1-based, blank lines counted); the rest
+goes through `datasets.load_dataset` / `load_from_disk`, and its rows are named "row N" (1-based)."""
 
 from __future__ import annotations
 
@@ -23,20 +21,16 @@ import pyarrow.compute as pc
 from ..resources import bundled_file
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-# A hand-read JSON Lines part: its non-blank lines as bytes (parsed when normalised) and their numbers, 1000
-# lines to a row, which makes streaming them into the `datasets` cache cheap.
+# A hand-read JSON Lines part: non-blank lines (bytes, parsed when normalised) and their numbers, 1000 to a row.
 _BYTES, _LINE, _TEXT = datasets.Value("binary"), datasets.Value("int64"), datasets.Value("string")
 LINE_FEATURES = datasets.Features({"json": [_BYTES], "source_line": [_LINE]})
-# Where a normalised or tokenised row comes from: its line or row number, its file or dataset ("a.jsonl",
-# "<train dataset>", "owner/name (split)"), and "line" (JSON Lines) or "row". Plain columns rather than
-# dataset metadata: they survive map, filter, select, shuffle, save/load and concatenate_datasets (rows of
-# several files keep their own names) at a few bytes per row, and the collator ignores them.
+# Where a row comes from ("a.jsonl", "<train dataset>" or "owner/name (split)"; "line" or "row"): plain columns
+# survive map, filter, shuffle, save/load and concatenate_datasets (each row keeps its file's name).
 SOURCE_FEATURES = datasets.Features({"source_line": _LINE, "source_name": _TEXT, "source_kind": _TEXT})
 
 
 class PreferenceDataError(ValueError):
-    """Bad preference data; the message names the source (``path``), ``line`` (of kind ``line_kind``,
-    "line" or "row") and ``field``."""
+    """Bad preference data; the message names the source (`path`), `line` ("line" or "row") and `field`."""
 
     def __init__(self, reason: str, path=None, line: int | None = None, field=None, line_kind="line"):
         self.reason, self.path, self.line, self.field, self.line_kind = reason, path, line, field, line_kind
@@ -83,19 +77,18 @@ def _json_document_field(path: Path) -> str | None:
         head = handle.read(4096).removeprefix(codecs.BOM_UTF8).decode("utf-8", "replace").lstrip()
         handle.seek(0)
         first = next((line for line in handle if line.strip()), b"").removeprefix(codecs.BOM_UTF8)
+    if head.startswith("["):
+        return ""
     try:
         one_line = json.loads(first)
     except (ValueError, RecursionError):
         one_line = None  # a pretty-printed document
     key = re.match(r'\{\s*("(?:[^"\\]|\\.)*")\s*:\s*\[', head)  # {"data": [...]}: one key holding the rows
-    if head.startswith("[") or key is None or (isinstance(one_line, dict) and len(one_line) > 1):
-        return "" if head.startswith("[") else None
-    return json.loads(key[1])
+    return None if key is None or (isinstance(one_line, dict) and len(one_line) > 1) else json.loads(key[1])
 
 
 def parse_json(data: bytes, name: str, line: int | None = None) -> Any:
-    """JSON from bytes: a line of a JSON Lines file (`line`), or a whole document whose errors name the line
-    they are on. Errors raise PreferenceDataError."""
+    """JSON from a line of a JSON Lines file (`line`) or a whole document; errors name their line."""
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as e:

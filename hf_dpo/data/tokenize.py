@@ -19,15 +19,11 @@ TOKENIZED_FEATURES = datasets.Features(
     {"prompt_input_ids": _IDS, "completion_input_ids": [_IDS], "source_line": datasets.Value("int64")}
 )
 TOKENIZE_VERSION = "2"  # part of the cache key: bump it when tokenised rows change
-DROP_EMPTY_AFTER_TRUNCATION = "completion empty after truncation"
-DROP_EMPTY_PROMPT = "prompt has no tokens"
-DROP_NO_COMPLETIONS = "no completions"
 
 
 def _encoder(tokenizer):
-    """(texts, add_special_tokens) -> the input_ids `tokenizer(texts)` gives. A plain fast tokenizer's
-    `__call__` only runs the Rust tokenizer: then call that directly, a quarter faster (no attention masks,
-    no BatchEncoding, no character offsets)."""
+    """(texts, add_special_tokens) -> the input_ids `tokenizer(texts)` gives; for a plain fast tokenizer, from
+    the Rust tokenizer directly, a quarter faster (no attention masks, BatchEncoding or character offsets)."""
     from transformers import PreTrainedTokenizerFast
 
     rust = getattr(tokenizer, "backend_tokenizer", None)
@@ -63,9 +59,8 @@ def _truncate(prompt: list[int], completions: list[list[int]], max_length, max_p
     longest = max(map(len, completions))
     if max_length is None or len(prompt) + longest <= max_length:
         return prompt, completions, False
-    keep = max_prompt_length
-    if keep is None:  # cut the prompt only as far as the completions need, but not below half the budget
-        keep = max(max_length - longest, min(len(prompt), max_length // 2))
+    # max_prompt_length None: cut the prompt only as far as the completions need, not below half the budget
+    keep = max_prompt_length or max(max_length - longest, min(len(prompt), max_length // 2))
     prompt = prompt[max(len(prompt) - keep, 0) :]  # from the left, as in TRL: a leading BOS goes with the cut
     return prompt, [c[: max(max_length - len(prompt), 0)] for c in completions], True
 
@@ -87,17 +82,16 @@ def _tokenize_batch(batch: dict, tokenizer, max_length, max_prompt_length, split
     out: dict[str, list] = {"prompt_input_ids": [], "completion_input_ids": [], "_truncated": [], "_drop": []}
     for special, start, texts_of_row in rows:
         prompt, fulls = encoded[special][start], encoded[special][start + 1 : start + 1 + len(texts_of_row)]
-        # BPE merged across the boundary where the full ids do not start with the prompt's: encode the
-        # completion on its own.
+        # Where BPE merged across the boundary (the full ids do not start with the prompt's), encode it alone.
         clean = [full[: len(prompt)] == prompt for full in fulls]
         merged = [text for text, ok in zip(texts_of_row, clean) if not ok]
         alone = iter(encode(merged, False) if merged else [])
         completions = [full[len(prompt) :] if ok else next(alone) for full, ok in zip(fulls, clean)]
         completions = [c if eos is None or c[-1:] == [eos] else c + [eos] for c in completions]
-        truncated, reason = False, DROP_NO_COMPLETIONS
+        truncated, reason = False, "no completions"
         if completions:
             prompt, completions, truncated = _truncate(prompt, completions, max_length, max_prompt_length)
-            emptied = DROP_EMPTY_AFTER_TRUNCATION if prompt else DROP_EMPTY_PROMPT
+            emptied = "completion empty after truncation" if prompt else "prompt has no tokens"
             reason = "" if prompt and all(completions) else emptied
         for key, value in zip(out, (prompt, completions, truncated, reason)):
             out[key].append(value)
@@ -114,17 +108,13 @@ def tokenize_preference_dataset(
     split_name: str = "train",
     return_stats: bool = False,
 ) -> datasets.Dataset | tuple[datasets.Dataset, SplitStats]:
-    """Tokenise normalised rows into prompt_input_ids, completion_input_ids (K lists, best first) and the
-    source columns, by DESIGN.md's tokenisation contract; cached by `datasets`. With `return_stats`, also
-    returns a SplitStats.
+    """Normalised rows -> prompt_input_ids, completion_input_ids (K lists, best first) and the source columns,
+    by DESIGN.md's tokenisation contract; cached by `datasets`; `return_stats`: also a SplitStats.
 
-    Length rule, for a row whose prompt (P tokens) and longest completion (C tokens, with EOS) exceed
-    `max_length` L (rows that fit are never changed): the prompt keeps its last min(P, M) tokens with
-    `max_prompt_length` M, and with M=None its last max(L - C, min(P, L // 2)): cut only as far as the
-    completions need, and not below half of L while it is longer. Then each completion keeps its first
-    L - (prompt tokens kept). So with None a completion keeps >= L - L // 2 tokens and no row is emptied;
-    with M >= L a completion can end up empty, and its row is dropped and counted.
-    """
+    Length rule, for a row whose prompt (P tokens) and longest completion (C, with EOS) exceed `max_length` L:
+    the prompt keeps its last min(P, M) tokens with `max_prompt_length` M, or with M=None its last
+    max(L - C, min(P, L // 2)); each completion then keeps its first L - (prompt tokens kept). So with None no
+    row is emptied; with M >= L a completion can end up empty, and its row is dropped and counted."""
     missing = sorted({"prompt", "completions", "source_line"} - set(dataset.column_names))
     if missing:
         reason = f"not a normalised preference dataset: missing columns {missing} (use load_preference_data)"
@@ -152,9 +142,8 @@ def tokenize_preference_dataset(
     # Batches of 256 rows: a fifth less CPU and 50 MiB less peak memory than 1000 (Rust encodings, id lists).
     options = {"batched": True, "batch_size": 256, "num_proc": num_proc, "desc": f"Tokenizing {split_name}"}
     options.update(features=datasets.Features({**features, **status}), new_fingerprint=key)
-    options.update(fn_kwargs={"tokenizer": tokenizer, **settings})
-    dropped = [c for c in dataset.column_names if c not in carried]
-    mapped = dataset.map(_tokenize_batch, remove_columns=dropped, **options)
+    options["remove_columns"] = [c for c in dataset.column_names if c not in carried]
+    mapped = dataset.map(_tokenize_batch, fn_kwargs={"tokenizer": tokenizer, **settings}, **options)
     truncated = pc.sum(mapped.with_format("arrow")["_truncated"]).as_py() or 0
     mapped, reasons = drop_marked(mapped.remove_columns("_truncated"), num_proc)
     stats = SplitStats(split_name, len(dataset), len(mapped), len(mapped), truncated, reasons)
