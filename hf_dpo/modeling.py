@@ -18,6 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from .attention import use_varlen_attention
 from .config import ModelArguments
 from .tiny import resolve_model_path
 
@@ -65,10 +66,8 @@ def load_model(
     else the `lora_*` fields), or `adapter_name_or_path` to continue (a frozen copy is then the reference)."""
     on_gpu = not use_cpu and torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
-    compute_dtype = _dtype(
-        model_args.bnb_4bit_compute_dtype,
-        torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32,
-    )
+    default_dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    compute_dtype = _dtype(model_args.bnb_4bit_compute_dtype, default_dtype)
     quantization_config = None
     if model_args.load_in_8bit:
         quantization_config = BitsAndBytesConfig(load_in_8bit=True)
@@ -108,18 +107,14 @@ def load_model(
         )
         model = attach_adapter(model, peft_config, gradient_checkpointing, gradient_checkpointing_kwargs)
     guard_cpu_4bit_repacking(model)
-    tokenizer = load_tokenizer(
-        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-        trust_remote_code=model_args.trust_remote_code,
-        revision=model_args.model_revision,
-    )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tokenizer_name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    tokenizer = load_tokenizer(tokenizer_name, model_args.trust_remote_code, model_args.model_revision)
     logger.info(
         "hf_dpo model: %s on %s, quantization %s, LoRA trainable %d params",
         model_args.model_name_or_path,
         device,
         describe_quantization(model),
-        trainable,
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     return LoadedModel(model, tokenizer)
 
@@ -137,9 +132,8 @@ def attach_adapter(model: nn.Module, peft_config, gradient_checkpointing=False, 
 
 @contextlib.contextmanager
 def _ready_for_peft(model: nn.Module, gradient_checkpointing: bool, kwargs: dict | None) -> Iterator[None]:
-    """Prepare `model` to be wrapped by peft (k-bit preparation of a quantised base: norms in fp32, input grads
-    for checkpointing; else checkpointing alone), then, around the wrapping, silence only the FutureWarning peft
-    (0.21) raises on every run by reading transformers' deprecated `is_gradient_checkpointing`."""
+    """Prepare `model` for peft (k-bit preparation of a quantised base, else checkpointing alone); around the
+    wrapping, silence the FutureWarning peft (0.21) raises on every run reading `is_gradient_checkpointing`."""
     kwargs = kwargs or {"use_reentrant": False}
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         peft.prepare_model_for_kbit_training(
@@ -159,8 +153,6 @@ def prepare_model(model: nn.Module, args, *, is_reference: bool = False) -> nn.M
     """Make a model ready for DPO: once per model, dropout off (`disable_dropout`) but in the trained LoRA adapter
     and the 4-bit repacking guard; per trainer, per-sequence attention for padding-free batches."""
     if args.padding_free:
-        from .attention import use_varlen_attention
-
         # sdpa/eager would attend across the whole packed row (N^2); attend within each sequence instead.
         use_varlen_attention(model)
     if model not in _PREPARED:
@@ -206,11 +198,8 @@ def disable_dropout(model: nn.Module, keep_trained_lora: bool = False) -> None:
     """Zero every dropout (modules and attention-probability dropout), so policy and reference passes agree;
     with `keep_trained_lora`, but for the trained adapter's `lora_dropout` (the reference never runs it)."""
     active = getattr(unwrap(model), "active_adapter", None) if keep_trained_lora else None
-    trained = set()
-    for module in model.modules():
-        lora_dropout = getattr(module, "lora_dropout", None)
-        if isinstance(lora_dropout, nn.ModuleDict) and active in lora_dropout:
-            trained.add(lora_dropout[active])
+    lora_dropouts = [getattr(module, "lora_dropout", None) for module in model.modules()]
+    trained = {d[active] for d in lora_dropouts if isinstance(d, nn.ModuleDict) and active in d}
     for module in model.modules():
         if isinstance(module, nn.Dropout) and module not in trained:
             module.p = 0.0
@@ -267,9 +256,8 @@ def choose_reference(model: nn.Module, args, ref_model: nn.Module | None = None)
         if args.precompute_ref_log_probs:
             return Reference("model", "the model before training (precomputed)", model=model)
         logger.info("no LoRA adapter and no ref_model: a frozen copy of the model is the reference policy")
-        return Reference(
-            "model", "a frozen copy of the model", model=copy.deepcopy(model).requires_grad_(False)
-        )
+        frozen = copy.deepcopy(model).requires_grad_(False)
+        return Reference("model", "a frozen copy of the model", model=frozen)
     if REFERENCE_ADAPTER in adapters:
         return Reference("adapter", "a frozen copy of the loaded adapter", REFERENCE_ADAPTER)
     if not any(p.requires_grad for p in peft_model.parameters()) or is_fresh_adapter(peft_model):
