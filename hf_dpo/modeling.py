@@ -136,16 +136,12 @@ def _ready_for_peft(model: nn.Module, gradient_checkpointing: bool, kwargs: dict
     wrapping, silence the FutureWarning peft (0.21) raises on every run reading `is_gradient_checkpointing`."""
     kwargs = kwargs or {"use_reentrant": False}
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        peft.prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=kwargs
-        )
+        peft.prepare_model_for_kbit_training(model, gradient_checkpointing, kwargs)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(kwargs)
         model.enable_input_require_grads()
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
-        )
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         yield
 
 

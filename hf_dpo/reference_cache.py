@@ -38,8 +38,7 @@ def _adapter_digest(model: torch.nn.Module, adapter: str) -> str:
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
         if f".{adapter}." in name:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().numpy().tobytes())
+            digest.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -85,26 +84,23 @@ def _compute_rows(trainer, dataset, indices: list[int]) -> list[list[float]]:
 def precompute_reference_logps(trainer, dataset):
     """Return `dataset` with a `ref_logps` column (list of K floats per row), from cache when possible."""
     path = default_cache_dir() / "ref_logps" / f"{reference_cache_key(trainer, dataset)}.safetensors"
-    accelerator = trainer.accelerator
     values = None
     if path.exists():
         stored = safetensors.torch.load_file(str(path))
         if stored["offsets"].numel() == len(dataset) + 1:
             values = [row.tolist() for row in stored["values"].split(stored["offsets"].diff().tolist())]
             logger.info("reference log-probs for %d rows loaded from cache %s", len(dataset), path)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if world > 1:
-        # Compute together unless every rank found the cache: a rank that computes alone would wait forever
-        # in the gather below (e.g. the cache was written between two ranks' checks, or is not shared).
-        hit = torch.tensor([0.0 if values is None else 1.0], device=trainer.args.device)
-        if accelerator.reduce(hit, reduction="sum").item() < world:
-            values = None
+    # Compute together unless every rank found the cache: a rank that computes alone would wait forever in the
+    # gather below (e.g. the cache was written between two ranks' checks, or is not shared).
+    if not all(gather_object([values is not None])):
+        values = None
     if values is None:
+        world, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
         mine = list(range(rank, len(dataset), world))  # each row once, over all ranks
         gathered = gather_object([(mine, _compute_rows(trainer, dataset, mine))])
         by_index = {index: row for indices, rows in gathered for index, row in zip(indices, rows)}
         values = [by_index[index] for index in range(len(dataset))]
-        if accelerator.is_main_process:
+        if trainer.accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             flat = torch.tensor([v for row in values for v in row], dtype=torch.float32)
             offsets = torch.tensor([0, *itertools.accumulate(len(row) for row in values)], dtype=torch.int64)
