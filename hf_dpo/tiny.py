@@ -10,7 +10,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 TINY_MODEL_NAME = "hf_dpo/tiny-llama"  # the model_name_or_path of the tiny model (the recipe's default)
-
 TINY_BUILD_VERSION = "1"
 
 CHAT_TEMPLATE = (
