@@ -12,10 +12,13 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import peft
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+from .attention import use_varlen_attention
 from .config import ModelArguments
 from .tiny import resolve_model_path
 
@@ -43,8 +46,6 @@ def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str = "main"):
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(
         resolve_model_path(name_or_path), trust_remote_code=trust_remote_code, revision=revision
     )
@@ -61,18 +62,12 @@ def load_model(
     gradient_checkpointing: bool = False,
     gradient_checkpointing_kwargs: dict | None = None,
 ) -> LoadedModel:
-    """Load the base model (4-bit, 8-bit or full precision) and attach a LoRA adapter to train: a new one
-    (`peft_config`, else the `lora_*` fields), or `adapter_name_or_path` to continue (the trainer then makes
-    a frozen copy of it the reference policy)."""
-    from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
+    """Load the base model (4-bit, 8-bit or full precision) with a LoRA adapter to train: a new one (`peft_config`,
+    else the `lora_*` fields), or `adapter_name_or_path` to continue (a frozen copy is then the reference)."""
     on_gpu = not use_cpu and torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
-    compute_dtype = _dtype(
-        model_args.bnb_4bit_compute_dtype,
-        torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32,
-    )
+    default_dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+    compute_dtype = _dtype(model_args.bnb_4bit_compute_dtype, default_dtype)
     quantization_config = None
     if model_args.load_in_8bit:
         quantization_config = BitsAndBytesConfig(load_in_8bit=True)
@@ -94,18 +89,16 @@ def load_model(
         # ZeRO-3 partitions the weights itself: a device_map would place whole copies on every rank.
         device_map=None if is_deepspeed_zero3_enabled() else {"": device},
         trust_remote_code=model_args.trust_remote_code,
-        use_safetensors=None,
         **kwargs,
     )
     model.config.use_cache = False
     if model_args.adapter_name_or_path:
         if peft_config is not None:
             raise ValueError("give adapter_name_or_path (an adapter to continue) or peft_config, not both")
-        _prepare_kbit(model, gradient_checkpointing, gradient_checkpointing_kwargs)
-        with _peft_reads_a_deprecated_property():
-            model = PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
+        with _ready_for_peft(model, gradient_checkpointing, gradient_checkpointing_kwargs):
+            model = peft.PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
     else:
-        peft_config = peft_config or LoraConfig(
+        peft_config = peft_config or peft.LoraConfig(
             r=model_args.lora_r,
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
@@ -114,69 +107,48 @@ def load_model(
         )
         model = attach_adapter(model, peft_config, gradient_checkpointing, gradient_checkpointing_kwargs)
     guard_cpu_4bit_repacking(model)
-    tokenizer = load_tokenizer(
-        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-        trust_remote_code=model_args.trust_remote_code,
-        revision=model_args.model_revision,
-    )
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tokenizer_name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    tokenizer = load_tokenizer(tokenizer_name, model_args.trust_remote_code, model_args.model_revision)
     logger.info(
         "hf_dpo model: %s on %s, quantization %s, LoRA trainable %d params",
         model_args.model_name_or_path,
         device,
         describe_quantization(model),
-        trainable,
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
     )
     return LoadedModel(model, tokenizer)
 
 
-def _prepare_kbit(model: nn.Module, gradient_checkpointing: bool, kwargs: dict | None) -> None:
-    """peft's preparation of a quantised base (norms in fp32, input grads for checkpointing); plain models only
-    need checkpointing switched on."""
-    kwargs = kwargs or {"use_reentrant": False}
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        from peft import prepare_model_for_kbit_training
-
-        prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=kwargs
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(kwargs)
-        model.enable_input_require_grads()
-
-
 def attach_adapter(model: nn.Module, peft_config, gradient_checkpointing=False, checkpointing_kwargs=None):
     """`model` (a plain causal LM, quantised or not) with a new trainable LoRA adapter from `peft_config`."""
-    from peft import PeftModel, get_peft_model
-
-    if isinstance(model, PeftModel):
+    if isinstance(model, peft.PeftModel):
         raise ValueError(
             "the model is already a PeftModel, so peft_config would be ignored: pass the base model with "
             "peft_config, or the PeftModel without it"
         )
-    _prepare_kbit(model, gradient_checkpointing, checkpointing_kwargs)
-    with _peft_reads_a_deprecated_property():
-        return get_peft_model(model, peft_config)
+    with _ready_for_peft(model, gradient_checkpointing, checkpointing_kwargs):
+        return peft.get_peft_model(model, peft_config)
 
 
 @contextlib.contextmanager
-def _peft_reads_a_deprecated_property() -> Iterator[None]:
-    """peft (0.21) wraps a model by reading transformers' deprecated `is_gradient_checkpointing`, which warns
-    on every run; nothing a user could change would stop it. Only that one warning, only around peft's call."""
+def _ready_for_peft(model: nn.Module, gradient_checkpointing: bool, kwargs: dict | None) -> Iterator[None]:
+    """Prepare `model` for peft (k-bit preparation of a quantised base, else checkpointing alone); around the
+    wrapping, silence the FutureWarning peft (0.21) raises on every run reading `is_gradient_checkpointing`."""
+    kwargs = kwargs or {"use_reentrant": False}
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        peft.prepare_model_for_kbit_training(model, gradient_checkpointing, kwargs)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(kwargs)
+        model.enable_input_require_grads()
     with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
-        )
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         yield
 
 
 def prepare_model(model: nn.Module, args, *, is_reference: bool = False) -> nn.Module:
-    """Make a model ready for DPO: dropout off (`disable_dropout`) except in the LoRA adapter being trained
-    and the 4-bit repacking guard, once per model (load_model's and the user's own alike); and per-sequence
-    attention for padding-free batches, whenever a trainer asks for them."""
+    """Make a model ready for DPO: once per model, dropout off (`disable_dropout`) but in the trained LoRA adapter
+    and the 4-bit repacking guard; per trainer, per-sequence attention for padding-free batches."""
     if args.padding_free:
-        from .attention import use_varlen_attention
-
         # sdpa/eager would attend across the whole packed row (N^2); attend within each sequence instead.
         use_varlen_attention(model)
     if model not in _PREPARED:
@@ -191,56 +163,39 @@ def describe_quantization(model: nn.Module) -> str:
     base = unwrap(model)
     base = base.get_base_model() if hasattr(base, "get_base_model") else base
     config = getattr(base.config, "quantization_config", None)
-    if config is None or not (
-        getattr(config, "load_in_4bit", False) or getattr(config, "load_in_8bit", False)
-    ):
-        return f"none ({str(base.dtype).removeprefix('torch.')})"
-    if config.load_in_8bit:
+    if getattr(config, "load_in_8bit", False):
         return "8-bit (bitsandbytes LLM.int8)"
+    if not getattr(config, "load_in_4bit", False):
+        return f"none ({str(base.dtype).removeprefix('torch.')})"
     nested = " nested" if config.bnb_4bit_use_double_quant else ""
     compute = str(config.bnb_4bit_compute_dtype).removeprefix("torch.")
     return f"4-bit {config.bnb_4bit_quant_type}{nested} (compute {compute})"
 
 
 def guard_cpu_4bit_repacking(model: nn.Module) -> int:
-    """Stop bitsandbytes from repacking 4-bit weights for CPU inference; undo any repacking already done.
-
-    On CPUs with AVX512-BF16, a Linear4bit run in eval mode under no_grad converts its weight to a packed
-    layout, after which LoRA gradients through that layer are silently wrong. Evaluation and reference passes
-    must not change later training, so the fast inference path is turned off. Returns the layers touched.
-    """
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference, and undo repacking already done: on CPUs with
+    AVX512-BF16 an eval-mode no_grad pass packs a Linear4bit's weight, after which LoRA gradients through it are
+    silently wrong, so evaluation and reference passes would change training. Returns the layers touched."""
     from bitsandbytes.nn import Linear4bit
 
-    touched = 0
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            weight = module.weight
-            if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
-                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    layers = [module for module in model.modules() if isinstance(module, Linear4bit)]
+    for module in layers:
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
 
-                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                    weight.data, weight.quant_state
-                )
-                module.quant_state = weight.quant_state
-            touched += 1
-    return touched
+            weight.data, weight.quant_state = unpack(weight.data, weight.quant_state)
+            module.quant_state = weight.quant_state
+    return len(layers)
 
 
 def disable_dropout(model: nn.Module, keep_trained_lora: bool = False) -> None:
-    """Zero every dropout (modules and attention-probability dropout), so policy and reference passes agree.
-
-    With `keep_trained_lora`, the dropout on the input of the adapter being trained stays as configured
-    (`lora_dropout`): the reference pass never runs that adapter, and at step 0 its output is 0 either way.
-    """
-    trained = set()
-    if keep_trained_lora:
-        peft_model = unwrap(model)
-        active = getattr(peft_model, "active_adapter", None)
-        for module in model.modules():
-            lora_dropout = getattr(module, "lora_dropout", None)
-            if isinstance(lora_dropout, nn.ModuleDict) and active in lora_dropout:
-                trained.add(lora_dropout[active])
+    """Zero every dropout (modules and attention-probability dropout), so policy and reference passes agree;
+    with `keep_trained_lora`, but for the trained adapter's `lora_dropout` (the reference never runs it)."""
+    active = getattr(unwrap(model), "active_adapter", None) if keep_trained_lora else None
+    lora_dropouts = [getattr(module, "lora_dropout", None) for module in model.modules()]
+    trained = {d[active] for d in lora_dropouts if isinstance(d, nn.ModuleDict) and active in d}
     for module in model.modules():
         if isinstance(module, nn.Dropout) and module not in trained:
             module.p = 0.0
@@ -253,9 +208,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
-
-
-# ------------------------------------------------------------------------------------------ the reference
 
 
 @dataclass
@@ -272,63 +224,46 @@ class Reference:
 def is_fresh_adapter(peft_model: nn.Module) -> bool:
     """True if the active LoRA adapter adds nothing yet (every B matrix is zero, as after peft's default init),
     so the model with its adapter disabled is exactly the model as it stands."""
-    active = peft_model.active_adapter
-    found = False
-    for name, param in peft_model.named_parameters():
-        if ("lora_B" in name or "lora_embedding_B" in name) and f".{active}" in name:
-            found = True
-            if bool(param.detach().ne(0).any()):
-                return False
-    return found
+    active, kinds = peft_model.active_adapter, ("lora_B", "lora_embedding_B")
+    lora_b = [p for n, p in peft_model.named_parameters() if any(k in n for k in kinds) and f".{active}" in n]
+    return bool(lora_b) and not any(p.detach().ne(0).any() for p in lora_b)
 
 
 def choose_reference(model: nn.Module, args, ref_model: nn.Module | None = None) -> Reference:
-    """The reference policy for `model`, as a TRL user expects it:
-
-    - `reference_free`: none; a separate `ref_model`: that model;
-    - `ref_adapter_name`: that adapter of the model, frozen;
-    - a fresh LoRA adapter (or one loaded only for evaluation, not trainable): the model with adapters off;
-    - a trained adapter being trained further (e.g. an SFT adapter): a frozen copy of it, added to the model;
-    - a model without adapter: a frozen copy of the model (full fine-tuning), unless reference log-probs are
-      precomputed, which the model itself gives before training.
-    """
+    """The reference policy for `model`, as a TRL user expects it: none if `reference_free`; `ref_model`; the
+    adapter `ref_adapter_name`, frozen; for a fresh (or untrainable) LoRA adapter, the model with adapters off;
+    for a trained adapter trained further (e.g. SFT), a frozen copy of it added to the model; for a model without
+    adapter, a frozen copy (full fine-tuning), or the model itself before training if log-probs are precomputed."""
     if args.reference_free:
         return Reference("none", "none (reference-free)")
     if ref_model is not None:
         return Reference("model", "a separate reference model", model=ref_model)
     peft_model = unwrap(model)
     adapters = getattr(peft_model, "peft_config", {})
-    if args.ref_adapter_name:
-        if args.ref_adapter_name not in adapters:
+    if name := args.ref_adapter_name:
+        if name not in adapters:
             raise ValueError(
-                f"ref_adapter_name={args.ref_adapter_name!r} is not an adapter of the model (it has "
+                f"ref_adapter_name={name!r} is not an adapter of the model (it has "
                 f"{sorted(adapters) or 'none'}); load it first with model.load_adapter(path, adapter_name=...)"
             )
-        _freeze_adapter(peft_model, args.ref_adapter_name)
-        return Reference(
-            "adapter", f"adapter {args.ref_adapter_name!r} (ref_adapter_name)", args.ref_adapter_name
-        )
+        _freeze_adapter(peft_model, name)
+        return Reference("adapter", f"adapter {name!r} (ref_adapter_name)", name)
     if not adapters:
         if args.precompute_ref_log_probs:
             return Reference("model", "the model before training (precomputed)", model=model)
         logger.info("no LoRA adapter and no ref_model: a frozen copy of the model is the reference policy")
-        return Reference(
-            "model", "a frozen copy of the model", model=copy.deepcopy(model).requires_grad_(False)
-        )
+        frozen = copy.deepcopy(model).requires_grad_(False)
+        return Reference("model", "a frozen copy of the model", model=frozen)
     if REFERENCE_ADAPTER in adapters:
         return Reference("adapter", "a frozen copy of the loaded adapter", REFERENCE_ADAPTER)
-    trainable = any(p.requires_grad for p in peft_model.parameters())
-    if not trainable or is_fresh_adapter(peft_model):
+    if not any(p.requires_grad for p in peft_model.parameters()) or is_fresh_adapter(peft_model):
         return Reference("disabled", "the base model with the LoRA adapter disabled")
     active = peft_model.active_adapter
     config = copy.deepcopy(adapters[active])
     config.lora_dropout = 0.0  # the reference pass must be deterministic
     peft_model.add_adapter(REFERENCE_ADAPTER, config)
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    set_peft_model_state_dict(
-        peft_model, get_peft_model_state_dict(peft_model, adapter_name=active), adapter_name=REFERENCE_ADAPTER
-    )
+    weights = peft.get_peft_model_state_dict(peft_model, adapter_name=active)
+    peft.set_peft_model_state_dict(peft_model, weights, adapter_name=REFERENCE_ADAPTER)
     _freeze_adapter(peft_model, REFERENCE_ADAPTER)
     logger.info(
         "the model's adapter %r is already trained: a frozen copy of it is the reference policy, so the run "
@@ -347,11 +282,10 @@ def _freeze_adapter(peft_model: nn.Module, adapter: str) -> None:
 @contextlib.contextmanager
 def reference_policy(model: nn.Module, reference: Reference) -> Iterator[nn.Module]:
     """Yield the module to run for reference log-probs (use under torch.no_grad())."""
+    peft_model = unwrap(model)
     if reference.kind == "model":
         yield reference.model
-        return
-    peft_model = unwrap(model)
-    if reference.kind == "adapter":
+    elif reference.kind == "adapter":
         active = peft_model.active_adapter
         peft_model.base_model.set_adapter(reference.adapter, inference_mode=True)
         try:

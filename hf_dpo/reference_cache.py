@@ -1,20 +1,20 @@
-"""Precomputed reference log-probs: one no-grad pass before training, cached on disk.
-
-The cache key covers everything the values depend on: the base model (name, config, weight files), the
-reference adapter's weights, the tokenised data (its `datasets` fingerprint, which covers the rows and the
-tokenisation settings), the log-prob reduction and LD-DPO's ld_alpha. Under several processes each rank
-computes a disjoint shard of the rows once, and every rank receives the full column.
-"""
+"""Precomputed reference log-probs: one no-grad pass before training, cached on disk under a key covering
+everything the values depend on (base model, reference adapter weights, the tokenised data's fingerprint,
+reduction, ld_alpha, ...). Under several processes each rank computes a disjoint shard; every rank gets all."""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
 from pathlib import Path
 
+import safetensors.torch
 import torch
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
 
 from .modeling import unwrap
 from .tiny import default_cache_dir
@@ -26,13 +26,11 @@ CACHE_VERSION = 1
 
 def _weights_signature(model: torch.nn.Module) -> dict:
     config = getattr(model, "config", None)
-    name = str(getattr(config, "_name_or_path", "")) if config is not None else ""
+    name = str(getattr(config, "_name_or_path", ""))
     files = []
-    if name and os.path.isdir(name):
-        for entry in sorted(Path(name).iterdir()):
-            if entry.suffix in (".safetensors", ".bin"):
-                stat = entry.stat()
-                files.append((entry.name, stat.st_size, int(stat.st_mtime)))
+    if os.path.isdir(name):
+        weights = [e for e in sorted(Path(name).iterdir()) if e.suffix in (".safetensors", ".bin")]
+        files = [(e.name, e.stat().st_size, int(e.stat().st_mtime)) for e in weights]
     return {"name": name, "config": config.to_json_string() if config is not None else "", "files": files}
 
 
@@ -40,8 +38,7 @@ def _adapter_digest(model: torch.nn.Module, adapter: str) -> str:
     digest = hashlib.sha256()
     for name, param in sorted(model.named_parameters()):
         if f".{adapter}." in name:
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().numpy().tobytes())
+            digest.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -67,16 +64,8 @@ def reference_cache_key(trainer, dataset) -> str:
 
 
 def _compute_rows(trainer, dataset, indices: list[int]) -> list[list[float]]:
-    from torch.utils.data import DataLoader
-
-    if not indices:
-        return []
-    loader = DataLoader(
-        dataset.select(indices),
-        batch_size=trainer.args.precompute_ref_batch_size or trainer.args.per_device_eval_batch_size,
-        collate_fn=trainer.data_collator,
-        shuffle=False,
-    )
+    batch_size = trainer.args.precompute_ref_batch_size or trainer.args.per_device_eval_batch_size
+    loader = DataLoader(dataset.select(indices), batch_size=batch_size, collate_fn=trainer.data_collator)
     model = trainer.model
     was_training = model.training
     model.eval()
@@ -85,9 +74,8 @@ def _compute_rows(trainer, dataset, indices: list[int]) -> list[list[float]]:
         for batch in loader:
             batch = trainer._prepare_inputs(batch)
             batch.pop("ref_logps", None)
-            ref = trainer.reference_logps(model, batch)
-            for row, mask in zip(ref.float().cpu(), batch["response_mask"].cpu()):
-                values.append(row[mask].tolist())
+            ref = trainer.reference_logps(model, batch).float().cpu()
+            values += [row[mask].tolist() for row, mask in zip(ref, batch["response_mask"].cpu())]
     finally:
         model.train(was_training)
     return values
@@ -95,51 +83,29 @@ def _compute_rows(trainer, dataset, indices: list[int]) -> list[list[float]]:
 
 def precompute_reference_logps(trainer, dataset):
     """Return `dataset` with a `ref_logps` column (list of K floats per row), from cache when possible."""
-    from safetensors.torch import load_file, save_file
-
-    key = reference_cache_key(trainer, dataset)
-    cache_dir = default_cache_dir() / "ref_logps"
-    path = cache_dir / f"{key}.safetensors"
-    accelerator = trainer.accelerator
+    path = default_cache_dir() / "ref_logps" / f"{reference_cache_key(trainer, dataset)}.safetensors"
     values = None
     if path.exists():
-        stored = load_file(str(path))
+        stored = safetensors.torch.load_file(str(path))
         if stored["offsets"].numel() == len(dataset) + 1:
-            flat, offsets = stored["values"].tolist(), stored["offsets"].tolist()
-            values = [flat[offsets[i] : offsets[i + 1]] for i in range(len(dataset))]
+            values = [row.tolist() for row in stored["values"].split(stored["offsets"].diff().tolist())]
             logger.info("reference log-probs for %d rows loaded from cache %s", len(dataset), path)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if world > 1:
-        # Compute together unless every rank found the cache: a rank that computes alone would wait forever
-        # in the gather below (e.g. the cache was written between two ranks' checks, or is not shared).
-        hit = torch.tensor([0.0 if values is None else 1.0], device=trainer.args.device)
-        if accelerator.reduce(hit, reduction="sum").item() < world:
-            values = None
+    # Compute together unless every rank found the cache: a rank that computes alone would wait forever in the
+    # gather below (e.g. the cache was written between two ranks' checks, or is not shared).
+    if not all(gather_object([values is not None])):
+        values = None
     if values is None:
+        world, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
         mine = list(range(rank, len(dataset), world))  # each row once, over all ranks
-        computed = _compute_rows(trainer, dataset, mine)
-        if world > 1:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, (mine, computed))
-        else:
-            gathered = [(mine, computed)]
-        values = [None] * len(dataset)
-        for indices, rows in gathered:
-            for index, row in zip(indices, rows):
-                values[index] = row
-        if accelerator.is_main_process:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            offsets = [0]
-            for row in values:
-                offsets.append(offsets[-1] + len(row))
+        gathered = gather_object([(mine, _compute_rows(trainer, dataset, mine))])
+        by_index = {index: row for indices, rows in gathered for index, row in zip(indices, rows)}
+        values = [by_index[index] for index in range(len(dataset))]
+        if trainer.accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            flat = torch.tensor([v for row in values for v in row], dtype=torch.float32)
+            offsets = torch.tensor([0, *itertools.accumulate(len(row) for row in values)], dtype=torch.int64)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
-            save_file(
-                {
-                    "values": torch.tensor([v for row in values for v in row], dtype=torch.float32),
-                    "offsets": torch.tensor(offsets, dtype=torch.int64),
-                },
-                str(tmp),
-            )
+            safetensors.torch.save_file({"values": flat, "offsets": offsets}, str(tmp))
             os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
         logger.info(
             "reference log-probs precomputed for %d rows, %d of them by rank %d (cache %s)",

@@ -1,9 +1,6 @@
-"""A tiny causal LM and tokenizer built locally, for smoke tests and the embedded default run.
-
-Nothing here is downloaded: a byte-level BPE is trained with `tokenizers` on a fixed corpus and a
-2-layer Llama is initialised from a fixed seed, so every machine builds the same files. The model is a
-smoke-test model: it exercises the whole pipeline in seconds and is not useful for anything else.
-"""
+"""A tiny causal LM and tokenizer built locally (nothing downloaded), for smoke tests and the default run: a
+byte-level BPE trained on a fixed corpus and a 2-layer Llama from a fixed seed, so every machine builds the same
+files. It exercises the whole pipeline in seconds and is not useful for anything else."""
 
 from __future__ import annotations
 
@@ -12,9 +9,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-TINY_MODEL_NAME = "hf_dpo/tiny-llama"
-"""The `model_name_or_path` that selects the locally built tiny model (the recipe's default)."""
-
+TINY_MODEL_NAME = "hf_dpo/tiny-llama"  # the model_name_or_path of the tiny model (the recipe's default)
 TINY_BUILD_VERSION = "1"
 
 CHAT_TEMPLATE = (
@@ -47,27 +42,21 @@ def tiny_corpus() -> list[str]:
 
 
 def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
-    """Train a byte-level BPE with BOS/EOS/PAD and a chat template; returns a transformers tokenizer.
-
-    The tokenizer adds BOS at the start of every encoded text (like Llama's), never EOS.
-    """
+    """Train a byte-level BPE with BOS/EOS/PAD and a chat template; returns a transformers tokenizer that adds
+    BOS at the start of every encoded text (like Llama's), never EOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    specials, alphabet = ["<pad>", "<s>", "</s>", "<unk>"], pre_tokenizers.ByteLevel.alphabet()
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(list(corpus if corpus is not None else tiny_corpus()), trainer=trainer)
-    bos_id = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos_id)]
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
@@ -97,15 +86,12 @@ def build_tiny_model(vocab_size: int, seed: int = 0, hidden_size: int = 64, num_
     # A private generator state: building the model must not move the caller's RNG (the training seed).
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model
+        return LlamaForCausalLM(config)
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("HF_DPO_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hf_dpo"
-    )
-    return Path(root)
+    xdg_cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    return Path(os.environ.get("HF_DPO_CACHE") or os.path.join(xdg_cache, "hf_dpo"))
 
 
 def ensure_tiny_model(path: str | os.PathLike | None = None) -> Path:
@@ -116,9 +102,8 @@ def ensure_tiny_model(path: str | os.PathLike | None = None) -> Path:
         return target
     target.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
-    model = build_tiny_model(vocab_size=len(tokenizer))
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
+    build_tiny_model(vocab_size=len(tokenizer)).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "hf_dpo_tiny.json").write_text(json.dumps({"version": TINY_BUILD_VERSION}))
     # Move the files in last, the marker after everything else, so a crash (or another process looking at the
