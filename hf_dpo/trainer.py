@@ -26,7 +26,6 @@ from .callbacks import (
     CheckpointMarker,
     HubPushAtSave,
     NonFiniteGuard,
-    SaveError,
     as_save_error,
     resolve_resume_checkpoint,
 )
@@ -37,37 +36,26 @@ from .losses import LOSSES, LossSpec, metric_means, metric_sums, preference_loss
 
 logger = logging.getLogger(__name__)
 
-_CARD_SETTINGS = ("loss_type", "beta", "label_smoothing", "reference_free", "logp_reduction", "learning_rate")
-_CARD_SETTINGS += (
-    "lr_scheduler_type",
-    "optim",
-    "num_train_epochs",
-    "max_steps",
-    "per_device_train_batch_size",
-)
-_CARD_SETTINGS += (
-    "gradient_accumulation_steps",
-    "max_length",
-    "max_prompt_length",
-    "precompute_ref_log_probs",
-)
-_CARD_SETTINGS += ("padding_free", "gradient_checkpointing", "seed")
+# The DPOConfig fields of the card's settings table, in its order.
+_CARD_SETTINGS = (  # noqa: SIM905 (one name list, not eighteen lines)
+    "loss_type beta label_smoothing reference_free logp_reduction learning_rate lr_scheduler_type optim "
+    "num_train_epochs max_steps per_device_train_batch_size gradient_accumulation_steps max_length "
+    "max_prompt_length precompute_ref_log_probs padding_free gradient_checkpointing seed"
+).split()
 
 
 class DPOTrainer(Trainer):
-    """Direct Preference Optimization on a (4-bit) base model with a LoRA adapter.
+    """Direct Preference Optimization on a (4-bit) base model with a LoRA adapter; takes what a transformers
+    or TRL user already has.
 
-    Takes what a transformers or TRL user already has:
-        model: a peft model, a plain causal LM (with `peft_config`, or `ref_model`, or neither for full
-            fine-tuning against a frozen copy), or a model id / path loaded with `hf_dpo.load_model`.
-        ref_model: a separate reference model. Default: chosen from the model (`modeling.choose_reference`): a
-            fresh adapter is compared with the model without adapter, an already trained adapter with a
-            frozen copy of itself, `args.ref_adapter_name` with that adapter.
-        args: a DPOConfig, or a plain TrainingArguments (used with the DPO defaults). Never modified: the
-            trainer works on a copy, which holds no Hub token.
-        train_dataset / eval_dataset: rows in any hf_dpo record format (tokenised here with `processing_class`,
-            default: the model's tokenizer), or tokenised rows; eval_dataset may be a dict of named splits.
-        peft_config: a peft LoraConfig to attach to a plain model (a quantised one is prepared for it first).
+    model: a peft model, a plain causal LM (with `peft_config`, `ref_model`, or neither for full fine-tuning
+        against a frozen copy), or a model id / path (loaded with `hf_dpo.load_model`).
+    ref_model: a separate reference; default `modeling.choose_reference`: a fresh adapter is compared with the
+        model without it, a trained one with a frozen copy of itself, `args.ref_adapter_name` with that one.
+    args: a DPOConfig or TrainingArguments (DPO defaults); never modified: the trainer's copy holds no token.
+    train_dataset / eval_dataset: rows in any hf_dpo record format (tokenised with `processing_class`, default
+        the model's tokenizer) or tokenised rows; eval_dataset may be a dict of named splits.
+    peft_config: a peft LoraConfig to attach to a plain model (a quantised one is prepared for it first).
     """
 
     def __init__(
@@ -90,10 +78,8 @@ class DPOTrainer(Trainer):
         self._hub_token, args.hub_token = args.hub_token, None
         # transformers' own pushes (which publish training_args.bin and its generic card) stay off: every push
         # goes through push_to_hub / HubPushAtSave, with the strategy the user chose.
-        self._hub_strategy, args.hub_strategy = (
-            str(getattr(args.hub_strategy, "value", args.hub_strategy)),
-            "end",
-        )
+        self._hub_strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
+        args.hub_strategy = "end"
         if not torch.accelerator.is_available():
             args.dataloader_pin_memory = False  # nothing to pin to on CPU (and no warning at every epoch)
         if args.ddp_find_unused_parameters is None:  # every trained (LoRA) weight takes part in every forward
@@ -158,9 +144,9 @@ class DPOTrainer(Trainer):
             )
         self.datasets_used = _dataset_names(train_dataset)
         self.guard = NonFiniteGuard(self.accelerator, self._describe_rows)
-        self.hub_push_failures: list[str] = []
-        self._hub_callback = HubPushAtSave(self._publish, self._hub_strategy if args.push_to_hub else "end")
-        for callback in (self.guard, CheckpointMarker(), self._hub_callback):
+        hub_push = HubPushAtSave(self._publish, self._hub_strategy if args.push_to_hub else "end")
+        self.hub_push_failures = hub_push.failures  # the pushes at each save, then the one at the end
+        for callback in (self.guard, CheckpointMarker(), hub_push):
             self.add_callback(callback)
         # compute_loss returns the mean over the micro-batch; the Trainer divides by the accumulation steps.
         self.loss_is_scaled_for_ga = False
@@ -230,7 +216,7 @@ class DPOTrainer(Trainer):
             return inputs["ref_logps"]
         with torch.no_grad(), modeling.reference_policy(model, self.reference) as reference_model:
             out = self.sequence_logps(reference_model, inputs, with_stats=False)
-        return _by_row(out.logps, inputs["response_mask"]).detach()
+        return out.by_row(inputs["response_mask"].shape[0]).logps.detach()
 
     # ---------------------------------------------------------------- loss and metrics
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -243,15 +229,12 @@ class DPOTrainer(Trainer):
         if mode == "train":
             self.guard.observe(loss, inputs.get("source_line"))
         if mode == "eval" or torch.isfinite(loss.detach()):  # a non-finite batch would make every metric NaN
-            self._store_metrics(mode, policy, rewards, response_mask, loss_metrics)
+            sums = self._metric_sums[mode]
+            for key, value in metric_sums(policy, rewards, response_mask, loss_metrics).items():
+                sums[key] = sums[key] + value
         if return_outputs:
             return loss, {"policy_logps": policy.logps.detach(), "rewards": rewards}
         return loss
-
-    def _store_metrics(self, mode, policy: SequenceLogps, rewards, response_mask, loss_metrics) -> None:
-        sums = self._metric_sums[mode]
-        for key, value in metric_sums(policy, rewards, response_mask, loss_metrics).items():
-            sums[key] = sums[key] + value
 
     def _reduced_metrics(self, mode: str) -> dict[str, float]:
         """This logging window's means, over every rank (losses.metric_means)."""
@@ -287,14 +270,11 @@ class DPOTrainer(Trainer):
 
     # ---------------------------------------------------------------- training, saving, publishing
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
-        """transformers' train(), resuming only from complete checkpoints; a machine fault while saving (disk
-        full, permissions) raises SaveError naming the folder and the checkpoint to resume from. With
-        push_to_hub, the final adapter and card are published when training ends (a failure is logged and
-        kept in `hub_push_failures`; hub_strategy decides what is pushed during training)."""
+        """transformers' train(), resuming only from complete checkpoints; a machine fault while saving raises
+        SaveError. With push_to_hub, the end publishes adapter and card (failures: `hub_push_failures`)."""
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         with self._save_faults():
             output = super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
-        self.hub_push_failures.extend(self._hub_callback.failures)
         if self.args.push_to_hub:
             from .hub import HubPushError
 
@@ -324,11 +304,8 @@ class DPOTrainer(Trainer):
         """Turn a machine fault while saving into SaveError (see as_save_error)."""
         try:
             yield
-        except SaveError:
-            raise
         except Exception as err:
-            save_error = as_save_error(err, self.args.output_dir, self.state.global_step)
-            if save_error is None:
+            if (save_error := as_save_error(err, self.args.output_dir, self.state.global_step)) is None:
                 raise
             raise save_error from err
 
@@ -363,9 +340,8 @@ class DPOTrainer(Trainer):
         private=None,
         **kwargs,
     ):
-        """Publish the adapter, its config, the tokenizer, hf_dpo's card, its curves and the results files to
-        hub_model_id (never the token, local paths, training_args.bin or optimizer/scheduler/RNG states).
-        Returns the commit URL; raises hf_dpo.hub.HubPushError, with the command that retries, on failure."""
+        """Publish adapter, tokenizer, hf_dpo's card, curves and results (never the token, local paths,
+        training_args.bin or optimizer states); returns the commit URL, raises HubPushError (with a retry)."""
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
@@ -392,7 +368,6 @@ class DPOTrainer(Trainer):
         from .curves import plot_training_curves
 
         plot_training_curves(self.state.log_history, Path(output_dir) / "training_curves.png")
-        spec = self.loss_spec
         inputs = {
             "base_model": _model_name(self.model),
             "datasets": datasets or self.datasets_used,
@@ -404,7 +379,7 @@ class DPOTrainer(Trainer):
             "reference": self.reference.description,
             "losses": [
                 {"name": name, "weight": weight, "paper": LOSSES[name].paper}
-                for name, weight in zip(spec.loss_types, spec.weights)
+                for name, weight in zip(self.loss_spec.loss_types, self.loss_spec.weights)
             ],
         }
         return write_card(output_dir, inputs, template_path=self.args.model_card_template)
@@ -423,9 +398,8 @@ class DPOTrainer(Trainer):
         }
         names = [*_CARD_SETTINGS, *(name for name, shown in shown_when.items() if shown)]
         settings = {name: getattr(args, name) for name in names}
-        settings.update(
-            share_prompt=self.share_prompt, global_step=self.state.global_step
-        )  # the values in effect
+        # The values in effect:
+        settings.update(share_prompt=self.share_prompt, global_step=self.state.global_step)
         settings.update(world_size=args.world_size, quantization=modeling.describe_quantization(self.model))
         peft_model = modeling.unwrap(self.model)
         lora = getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", None))
@@ -504,9 +478,3 @@ def _final_results(log_history: list[dict]) -> dict:
         and not key.startswith("train_")
         and not key.endswith(skip)
     }
-
-
-def _by_row(per_sequence: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """(K*B,) completion-major per-sequence values -> (B, K) with column k the k-th response of each row."""
-    rows, k = response_mask.shape
-    return per_sequence.view(k, rows).t()
