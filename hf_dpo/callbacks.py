@@ -146,8 +146,7 @@ def resolve_resume_checkpoint(resume, output_dir: str):
     if resume in (None, False, "", "false", "False", "no"):
         return None
     if resume is True or str(resume).lower() in ("true", "last", "auto"):
-        found = last_complete_checkpoint(output_dir)
-        if found is None:
+        if (found := last_complete_checkpoint(output_dir)) is None:
             raise ValueError(f"resume_from_checkpoint: no complete checkpoint in {output_dir}")
         logger.info("resuming from %s", found)
         return found

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from . import modeling
+from . import card, curves, data, hub, modeling, reference_cache, tiny
 from .attention import can_share_prompt, use_varlen_attention
 from .callbacks import (
     CheckpointMarker,
@@ -45,13 +45,11 @@ _CARD_SETTINGS = (  # noqa: SIM905 (one name list, not eighteen lines)
 
 
 class DPOTrainer(Trainer):
-    """Direct Preference Optimization on a (4-bit) base model with a LoRA adapter; takes what a transformers
-    or TRL user already has.
+    """Direct Preference Optimization on a (4-bit) base model with a LoRA adapter, from a transformers setup.
 
     model: a peft model, a plain causal LM (with `peft_config`, `ref_model`, or neither for full fine-tuning
         against a frozen copy), or a model id / path (loaded with `hf_dpo.load_model`).
-    ref_model: a separate reference; default `modeling.choose_reference`: a fresh adapter is compared with the
-        model without it, a trained one with a frozen copy of itself, `args.ref_adapter_name` with that one.
+    ref_model: a separate reference model; default: the one `modeling.choose_reference` picks for `model`.
     args: a DPOConfig or TrainingArguments (DPO defaults); never modified: the trainer's copy holds no token.
     train_dataset / eval_dataset: rows in any hf_dpo record format (tokenised with `processing_class`, default
         the model's tokenizer) or tokenised rows; eval_dataset may be a dict of named splits.
@@ -76,8 +74,7 @@ class DPOTrainer(Trainer):
         args = _private_copy(args)
         # The Hub token stays in memory only: never in training_args.bin or anything else written to disk.
         self._hub_token, args.hub_token = args.hub_token, None
-        # transformers' own pushes (which publish training_args.bin and its generic card) stay off: every push
-        # goes through push_to_hub / HubPushAtSave, with the strategy the user chose.
+        # Every push goes through push_to_hub / HubPushAtSave (transformers' own would add training_args.bin).
         self._hub_strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
         args.hub_strategy = "end"
         if not torch.accelerator.is_available():
@@ -102,8 +99,7 @@ class DPOTrainer(Trainer):
             modeling.prepare_model(ref_model, args, is_reference=True).requires_grad_(False)
         self.loss_spec = LossSpec.from_config(args)
         self.reference = modeling.choose_reference(model, args, ref_model)
-        # Each prompt read once per row, [prompt | completion 0 | ...], where the model's attention allows it;
-        # completions must not see each other, which hf_dpo's attention ensures.
+        # Rows [prompt | completion 0 | ...] where the attention allows it (hf_dpo's keeps completions apart).
         self.share_prompt = args.share_prompt and can_share_prompt(
             {"model": model, "ref_model": ref_model}, args.max_length
         )
@@ -112,8 +108,7 @@ class DPOTrainer(Trainer):
                 if candidate is not None:
                     use_varlen_attention(candidate)
         processing_class = processing_class or modeling.load_tokenizer(_model_name(model))
-        # Under several processes the main one tokenises (and fills the `datasets` cache) first; the others
-        # then read its cache instead of racing to write the same files.
+        # The main process tokenises first (filling the `datasets` cache); the others then read that cache.
         with args.main_process_first(desc="tokenising the preference data"):
             train_dataset = self._tokenize(train_dataset, processing_class, args, "train")
             eval_dataset = _each_split(
@@ -155,12 +150,9 @@ class DPOTrainer(Trainer):
             self.reference.model = self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         if args.precompute_ref_log_probs and self.loss_spec.needs_reference:
-            from .reference_cache import precompute_reference_logps
-
-            self.train_dataset = precompute_reference_logps(self, self.train_dataset)
-            self.eval_dataset = _each_split(
-                self.eval_dataset, lambda ds, _: precompute_reference_logps(self, ds)
-            )
+            precompute = reference_cache.precompute_reference_logps
+            self.train_dataset = precompute(self, self.train_dataset)
+            self.eval_dataset = _each_split(self.eval_dataset, lambda ds, _: precompute(self, ds))
 
     @property
     def ref_model(self) -> nn.Module | None:
@@ -170,13 +162,11 @@ class DPOTrainer(Trainer):
     # ---------------------------------------------------------------- data
     @staticmethod
     def _tokenize(dataset, tokenizer, args: DPOConfig, split: str):
-        from .data import check_pairs_for_loss, load_preference_data, tokenize_preference_dataset
-
         if dataset is not None and "prompt_input_ids" not in dataset.column_names:
             if "completions" not in dataset.column_names:
                 # Raw rows in any record format: normalised as load_preference_data does, with its messages.
-                dataset = load_preference_data(dataset, split=split)["train"]
-            dataset = tokenize_preference_dataset(
+                dataset = data.load_preference_data(dataset, split=split)["train"]
+            dataset = data.tokenize_preference_dataset(
                 dataset,
                 tokenizer,
                 max_length=args.max_length,
@@ -185,13 +175,11 @@ class DPOTrainer(Trainer):
                 split_name=split,
             )
         if dataset is not None:
-            check_pairs_for_loss(dataset, args.loss_type, f"<{split} dataset>")
+            data.check_pairs_for_loss(dataset, args.loss_type, f"<{split} dataset>")
         return dataset
 
     def _describe_rows(self, lines: list[int]) -> str:
-        from .data import describe_rows
-
-        return describe_rows(self.train_dataset, lines) if lines else "data rows unknown"
+        return data.describe_rows(self.train_dataset, lines) if lines else "data rows unknown"
 
     # ---------------------------------------------------------------- forward passes
     def sequence_logps(self, model: nn.Module, inputs: dict, with_stats: bool = True) -> SequenceLogps:
@@ -242,9 +230,7 @@ class DPOTrainer(Trainer):
         if not sums:
             return {}
         keys = sorted(sums)
-        stacked = torch.stack(
-            [torch.as_tensor(sums[k], dtype=torch.float32, device=self.args.device) for k in keys]
-        )
+        stacked = torch.stack([torch.as_tensor(sums[k], device=self.args.device).float() for k in keys])
         return metric_means(dict(zip(keys, self.accelerator.reduce(stacked, reduction="sum").tolist())))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -276,11 +262,9 @@ class DPOTrainer(Trainer):
         with self._save_faults():
             output = super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
         if self.args.push_to_hub:
-            from .hub import HubPushError
-
             try:
                 self.push_to_hub(commit_message="End of training")
-            except HubPushError as err:
+            except hub.HubPushError as err:
                 logger.error("%s", err)
                 self.hub_push_failures.append(f"end of training: {str(err).splitlines()[0]}")
         return output
@@ -311,9 +295,7 @@ class DPOTrainer(Trainer):
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """The repo is created by the first push, not here: a Hub outage must not stop a run before it starts."""
-        from .hub import check_repo_id
-
-        check_repo_id(self.hub_repo_id)
+        hub.check_repo_id(self.hub_repo_id)
 
     @property
     def hub_repo_id(self) -> str:
@@ -350,9 +332,7 @@ class DPOTrainer(Trainer):
         return self._publish(self.args.output_dir, None, commit_message, token, revision, private)
 
     def _publish(self, folder, path_in_repo, commit_message, token=None, revision=None, private=None) -> str:
-        from .hub import push_folder
-
-        return push_folder(
+        return hub.push_folder(
             folder,
             self.hub_repo_id,
             token=token or self._hub_token,
@@ -364,10 +344,7 @@ class DPOTrainer(Trainer):
 
     def write_model_card(self, output_dir, license=None, model_name=None, datasets=None) -> Path:
         """Render README.md and training_curves.png into output_dir from the run's settings and log history."""
-        from .card import write_card
-        from .curves import plot_training_curves
-
-        plot_training_curves(self.state.log_history, Path(output_dir) / "training_curves.png")
+        curves.plot_training_curves(self.state.log_history, Path(output_dir) / "training_curves.png")
         inputs = {
             "base_model": _model_name(self.model),
             "datasets": datasets or self.datasets_used,
@@ -382,7 +359,7 @@ class DPOTrainer(Trainer):
                 for name, weight in zip(self.loss_spec.loss_types, self.loss_spec.weights)
             ],
         }
-        return write_card(output_dir, inputs, template_path=self.args.model_card_template)
+        return card.write_card(output_dir, inputs, template_path=self.args.model_card_template)
 
     def card_settings(self) -> dict:
         """The flat settings table of the card (no secrets, no local paths)."""
@@ -449,13 +426,11 @@ def _private_copy(args) -> DPOConfig:
 
 def _model_name(model: nn.Module) -> str:
     """The base model's name or path (a Hub id, a local folder, or the tiny model's name)."""
-    from .tiny import TINY_MODEL_NAME
-
     inner = modeling.unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     name = str(getattr(getattr(base, "config", None), "_name_or_path", "") or "")
     if name and (Path(name) / "hf_dpo_tiny.json").is_file():
-        return TINY_MODEL_NAME
+        return tiny.TINY_MODEL_NAME
     return name or "a causal language model"
 
 
