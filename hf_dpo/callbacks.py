@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
@@ -26,11 +27,9 @@ class NonFiniteGuard(TrainerCallback):
     """Stops the run (or, with nonfinite_action=skip, skips the update) when a step's loss or gradients are
     not finite, and stops it before saving when an update made the weights non-finite.
 
-    compute_loss reports every training micro-batch through `observe`; the decision (`end_of_step`, from the
-    trainer's training_step after the last micro-batch's backward) is taken once per optimizer step, before
-    gradient clipping and the update, with every rank agreeing first (one rank raising while the others wait
-    in a gradient all-reduce would hang). A skipped step reaches the optimizer with no gradient at all.
-    """
+    compute_loss reports each training micro-batch through `observe`; `end_of_step` (training_step, after the
+    last micro-batch's backward) decides once per optimizer step, before clipping and the update, with every
+    rank agreeing first (one rank raising while the others wait in a gradient all-reduce would hang)."""
 
     def __init__(self, accelerator, describe_rows):
         self.accelerator = accelerator
@@ -54,8 +53,7 @@ class NonFiniteGuard(TrainerCallback):
         if self.accelerator.num_processes > 1:
             flag = torch.tensor([0.0 if fault is None else 1.0], device=args.device)
             if self.accelerator.reduce(flag, reduction="sum").item() > 0:
-                gathered = [None] * self.accelerator.num_processes
-                torch.distributed.all_gather_object(gathered, (fault, rows))
+                gathered = gather_object([(fault, rows)])
                 fault = next((f for f, _ in gathered if f == "loss"), "gradient")
                 rows = [row for _, rank_rows in gathered for row in rank_rows]
         if fault is None:
@@ -75,9 +73,8 @@ class NonFiniteGuard(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         # Before anything is logged or saved: an update can itself overflow (e.g. a learning rate of inf)
         # from finite gradients; such weights must never reach a checkpoint.
-        if args.nonfinite_action == "stop" and not all_finite(
-            [p for p in model.parameters() if p.requires_grad]
-        ):
+        trained = [p for p in model.parameters() if p.requires_grad]
+        if args.nonfinite_action == "stop" and not all_finite(trained):
             rate = optimizer.param_groups[0]["lr"] if optimizer is not None else args.learning_rate
             raise NonFiniteLossError(
                 f"non-finite weights after the update of step {state.global_step}, "
@@ -91,9 +88,8 @@ class CheckpointMarker(TrainerCallback):
     without the marker was cut short (a crash, a full disk) and is never resumed from."""
 
     def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if args.should_save and folder.is_dir():
-            path = folder / CHECKPOINT_COMPLETE
+        path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_COMPLETE
+        if args.should_save and path.parent.is_dir():
             with open(f"{path}.tmp", "w") as handle:
                 handle.write("complete\n")
                 handle.flush()
@@ -102,13 +98,10 @@ class CheckpointMarker(TrainerCallback):
 
 
 class HubPushAtSave(TrainerCallback):
-    """`hub_strategy` pushes during training, as transformers documents them, through hf_dpo's publishing path.
-
-    At every save: "every_save" pushes the saved adapter, tokenizer and card to the repo root; "checkpoint"
-    also mirrors the checkpoint into the repo's `last-checkpoint/`; "all_checkpoints" into `checkpoint-N/`.
-    Checkpoint folders go up without optimizer, scheduler or RNG states and training_args.bin. A failed push
-    is logged and remembered in `failures`; training goes on.
-    """
+    """`hub_strategy` pushes at every save, as transformers documents them, through hf_dpo's publishing path:
+    "every_save" pushes the saved adapter, tokenizer and card to the repo root; "checkpoint" also mirrors the
+    checkpoint into `last-checkpoint/`, "all_checkpoints" into `checkpoint-N/` (without optimizer, scheduler
+    or RNG states and training_args.bin). A failed push is logged and kept in `failures`; training goes on."""
 
     def __init__(self, push, strategy: str):
         self.push = push  # (folder, path_in_repo, commit_message) -> None, raising HubPushError
@@ -119,11 +112,11 @@ class HubPushAtSave(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if self.strategy == "end" or not args.should_save or not checkpoint.is_dir():
             return
-        message = f"Training in progress, {'epoch ' + str(int(state.epoch)) if args.save_strategy == 'epoch' else 'step ' + str(state.global_step)}"
-        targets = [(None, message)]
+        when = f"epoch {int(state.epoch)}" if args.save_strategy == "epoch" else f"step {state.global_step}"
+        targets = [(None, f"Training in progress, {when}")]
         if self.strategy in ("checkpoint", "all_checkpoints"):
             folder = "last-checkpoint" if self.strategy == "checkpoint" else checkpoint.name
-            targets.append((folder, message + ", checkpoint"))
+            targets.append((folder, f"Training in progress, {when}, checkpoint"))
         from .hub import HubPushError
 
         for path_in_repo, commit_message in targets:
@@ -138,21 +131,13 @@ class HubPushAtSave(TrainerCallback):
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
     """True if every element of every tensor is finite; one device sync, however many tensors."""
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    return not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest checkpoint-N in output_dir whose save finished (half-written ones are skipped)."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [
-        int(match.group(1))
-        for name in os.listdir(output_dir)
-        if (match := re.fullmatch(r"checkpoint-(\d+)", name))
-        and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_COMPLETE))
-    ]
+    markers = Path(output_dir).glob(f"checkpoint-*/{CHECKPOINT_COMPLETE}")
+    steps = [int(m.group(1)) for p in markers if (m := re.fullmatch(r"checkpoint-(\d+)", p.parent.name))]
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
@@ -161,8 +146,7 @@ def resolve_resume_checkpoint(resume, output_dir: str):
     if resume in (None, False, "", "false", "False", "no"):
         return None
     if resume is True or str(resume).lower() in ("true", "last", "auto"):
-        found = last_complete_checkpoint(output_dir)
-        if found is None:
+        if (found := last_complete_checkpoint(output_dir)) is None:
             raise ValueError(f"resume_from_checkpoint: no complete checkpoint in {output_dir}")
         logger.info("resuming from %s", found)
         return found
@@ -190,24 +174,18 @@ _MACHINE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.
 
 def as_save_error(err: BaseException, output_dir: str, step: int) -> SaveError | None:
     """A SaveError for a machine fault met while saving step `step` (an OSError, or the tokenizers library's
-    "... (os error 28)"), with the half-written checkpoint-`step` removed; None for any other exception."""
-    machine_fault = (isinstance(err, OSError) and err.errno in _MACHINE_FAULTS) or re.search(
-        r"\(os error (\d+)\)", str(err)
-    )
-    if not machine_fault:
+    "... (os error 28)"), with the half-written checkpoint-`step` removed; None for anything else."""
+    os_fault = isinstance(err, OSError) and err.errno in _MACHINE_FAULTS
+    if isinstance(err, SaveError) or not (os_fault or re.search(r"\(os error (\d+)\)", str(err))):
         return None
     folder = Path(output_dir) / f"checkpoint-{step}"
-    half_written = folder.is_dir() and not (folder / CHECKPOINT_COMPLETE).is_file()
-    if half_written:
-        shutil.rmtree(folder, ignore_errors=True)  # never resumed from; removing it also frees space
-    where = folder if half_written else Path(getattr(err, "filename", None) or output_dir)
+    where, removed = Path(getattr(err, "filename", None) or output_dir), ""
+    if folder.is_dir() and not (folder / CHECKPOINT_COMPLETE).is_file():
+        shutil.rmtree(folder, ignore_errors=True)  # half-written: never resumed from; removing it frees space
+        where, removed = folder, f" The half-written {folder.name} was removed."
     reason = f"{err.strerror} [errno {err.errno}]" if isinstance(err, OSError) and err.strerror else str(err)
-    last = last_complete_checkpoint(output_dir)
-    message = f"could not write {where}: {reason}."
-    if half_written:
-        message += f" The half-written {folder.name} was removed."
-    if last:
-        message += f" The last complete checkpoint is {last}: fix the cause, then resume from it (resume_from_checkpoint=true)."
+    if last := last_complete_checkpoint(output_dir):
+        advice = f" The last complete checkpoint is {last}: fix the cause, then resume from it (resume_from_checkpoint=true)."
     else:
-        message += " No checkpoint was complete yet: fix the cause and run again."
-    return SaveError(message, last)
+        advice = " No checkpoint was complete yet: fix the cause and run again."
+    return SaveError(f"could not write {where}: {reason}.{removed}{advice}", last)

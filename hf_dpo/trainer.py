@@ -20,13 +20,12 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from . import modeling
+from . import card, curves, data, hub, modeling, reference_cache, tiny
 from .attention import can_share_prompt, use_varlen_attention
 from .callbacks import (
     CheckpointMarker,
     HubPushAtSave,
     NonFiniteGuard,
-    SaveError,
     as_save_error,
     resolve_resume_checkpoint,
 )
@@ -37,37 +36,24 @@ from .losses import LOSSES, LossSpec, metric_means, metric_sums, preference_loss
 
 logger = logging.getLogger(__name__)
 
-_CARD_SETTINGS = ("loss_type", "beta", "label_smoothing", "reference_free", "logp_reduction", "learning_rate")
-_CARD_SETTINGS += (
-    "lr_scheduler_type",
-    "optim",
-    "num_train_epochs",
-    "max_steps",
-    "per_device_train_batch_size",
-)
-_CARD_SETTINGS += (
-    "gradient_accumulation_steps",
-    "max_length",
-    "max_prompt_length",
-    "precompute_ref_log_probs",
-)
-_CARD_SETTINGS += ("padding_free", "gradient_checkpointing", "seed")
+# The DPOConfig fields of the card's settings table, in its order.
+_CARD_SETTINGS = (  # noqa: SIM905 (one name list, not eighteen lines)
+    "loss_type beta label_smoothing reference_free logp_reduction learning_rate lr_scheduler_type optim "
+    "num_train_epochs max_steps per_device_train_batch_size gradient_accumulation_steps max_length "
+    "max_prompt_length precompute_ref_log_probs padding_free gradient_checkpointing seed"
+).split()
 
 
 class DPOTrainer(Trainer):
-    """Direct Preference Optimization on a (4-bit) base model with a LoRA adapter.
+    """Direct Preference Optimization on a (4-bit) base model with a LoRA adapter, from a transformers setup.
 
-    Takes what a transformers or TRL user already has:
-        model: a peft model, a plain causal LM (with `peft_config`, or `ref_model`, or neither for full
-            fine-tuning against a frozen copy), or a model id / path loaded with `hf_dpo.load_model`.
-        ref_model: a separate reference model. Default: chosen from the model (`modeling.choose_reference`): a
-            fresh adapter is compared with the model without adapter, an already trained adapter with a
-            frozen copy of itself, `args.ref_adapter_name` with that adapter.
-        args: a DPOConfig, or a plain TrainingArguments (used with the DPO defaults). Never modified: the
-            trainer works on a copy, which holds no Hub token.
-        train_dataset / eval_dataset: rows in any hf_dpo record format (tokenised here with `processing_class`,
-            default: the model's tokenizer), or tokenised rows; eval_dataset may be a dict of named splits.
-        peft_config: a peft LoraConfig to attach to a plain model (a quantised one is prepared for it first).
+    model: a peft model, a plain causal LM (with `peft_config`, `ref_model`, or neither for full fine-tuning
+        against a frozen copy), or a model id / path (loaded with `hf_dpo.load_model`).
+    ref_model: a separate reference model; default: the one `modeling.choose_reference` picks for `model`.
+    args: a DPOConfig or TrainingArguments (DPO defaults); never modified: the trainer's copy holds no token.
+    train_dataset / eval_dataset: rows in any hf_dpo record format (tokenised with `processing_class`, default
+        the model's tokenizer) or tokenised rows; eval_dataset may be a dict of named splits.
+    peft_config: a peft LoraConfig to attach to a plain model (a quantised one is prepared for it first).
     """
 
     def __init__(
@@ -88,12 +74,9 @@ class DPOTrainer(Trainer):
         args = _private_copy(args)
         # The Hub token stays in memory only: never in training_args.bin or anything else written to disk.
         self._hub_token, args.hub_token = args.hub_token, None
-        # transformers' own pushes (which publish training_args.bin and its generic card) stay off: every push
-        # goes through push_to_hub / HubPushAtSave, with the strategy the user chose.
-        self._hub_strategy, args.hub_strategy = (
-            str(getattr(args.hub_strategy, "value", args.hub_strategy)),
-            "end",
-        )
+        # Every push goes through push_to_hub / HubPushAtSave (transformers' own would add training_args.bin).
+        self._hub_strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
+        args.hub_strategy = "end"
         if not torch.accelerator.is_available():
             args.dataloader_pin_memory = False  # nothing to pin to on CPU (and no warning at every epoch)
         if args.ddp_find_unused_parameters is None:  # every trained (LoRA) weight takes part in every forward
@@ -116,8 +99,7 @@ class DPOTrainer(Trainer):
             modeling.prepare_model(ref_model, args, is_reference=True).requires_grad_(False)
         self.loss_spec = LossSpec.from_config(args)
         self.reference = modeling.choose_reference(model, args, ref_model)
-        # Each prompt read once per row, [prompt | completion 0 | ...], where the model's attention allows it;
-        # completions must not see each other, which hf_dpo's attention ensures.
+        # Rows [prompt | completion 0 | ...] where the attention allows it (hf_dpo's keeps completions apart).
         self.share_prompt = args.share_prompt and can_share_prompt(
             {"model": model, "ref_model": ref_model}, args.max_length
         )
@@ -126,8 +108,7 @@ class DPOTrainer(Trainer):
                 if candidate is not None:
                     use_varlen_attention(candidate)
         processing_class = processing_class or modeling.load_tokenizer(_model_name(model))
-        # Under several processes the main one tokenises (and fills the `datasets` cache) first; the others
-        # then read its cache instead of racing to write the same files.
+        # The main process tokenises first (filling the `datasets` cache); the others then read that cache.
         with args.main_process_first(desc="tokenising the preference data"):
             train_dataset = self._tokenize(train_dataset, processing_class, args, "train")
             eval_dataset = _each_split(
@@ -158,9 +139,9 @@ class DPOTrainer(Trainer):
             )
         self.datasets_used = _dataset_names(train_dataset)
         self.guard = NonFiniteGuard(self.accelerator, self._describe_rows)
-        self.hub_push_failures: list[str] = []
-        self._hub_callback = HubPushAtSave(self._publish, self._hub_strategy if args.push_to_hub else "end")
-        for callback in (self.guard, CheckpointMarker(), self._hub_callback):
+        hub_push = HubPushAtSave(self._publish, self._hub_strategy if args.push_to_hub else "end")
+        self.hub_push_failures = hub_push.failures  # the pushes at each save, then the one at the end
+        for callback in (self.guard, CheckpointMarker(), hub_push):
             self.add_callback(callback)
         # compute_loss returns the mean over the micro-batch; the Trainer divides by the accumulation steps.
         self.loss_is_scaled_for_ga = False
@@ -169,12 +150,9 @@ class DPOTrainer(Trainer):
             self.reference.model = self.accelerator.prepare_model(self.reference.model, evaluation_mode=True)
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
         if args.precompute_ref_log_probs and self.loss_spec.needs_reference:
-            from .reference_cache import precompute_reference_logps
-
-            self.train_dataset = precompute_reference_logps(self, self.train_dataset)
-            self.eval_dataset = _each_split(
-                self.eval_dataset, lambda ds, _: precompute_reference_logps(self, ds)
-            )
+            precompute = reference_cache.precompute_reference_logps
+            self.train_dataset = precompute(self, self.train_dataset)
+            self.eval_dataset = _each_split(self.eval_dataset, lambda ds, _: precompute(self, ds))
 
     @property
     def ref_model(self) -> nn.Module | None:
@@ -184,13 +162,11 @@ class DPOTrainer(Trainer):
     # ---------------------------------------------------------------- data
     @staticmethod
     def _tokenize(dataset, tokenizer, args: DPOConfig, split: str):
-        from .data import check_pairs_for_loss, load_preference_data, tokenize_preference_dataset
-
         if dataset is not None and "prompt_input_ids" not in dataset.column_names:
             if "completions" not in dataset.column_names:
                 # Raw rows in any record format: normalised as load_preference_data does, with its messages.
-                dataset = load_preference_data(dataset, split=split)["train"]
-            dataset = tokenize_preference_dataset(
+                dataset = data.load_preference_data(dataset, split=split)["train"]
+            dataset = data.tokenize_preference_dataset(
                 dataset,
                 tokenizer,
                 max_length=args.max_length,
@@ -199,13 +175,11 @@ class DPOTrainer(Trainer):
                 split_name=split,
             )
         if dataset is not None:
-            check_pairs_for_loss(dataset, args.loss_type, f"<{split} dataset>")
+            data.check_pairs_for_loss(dataset, args.loss_type, f"<{split} dataset>")
         return dataset
 
     def _describe_rows(self, lines: list[int]) -> str:
-        from .data import describe_rows
-
-        return describe_rows(self.train_dataset, lines) if lines else "data rows unknown"
+        return data.describe_rows(self.train_dataset, lines) if lines else "data rows unknown"
 
     # ---------------------------------------------------------------- forward passes
     def sequence_logps(self, model: nn.Module, inputs: dict, with_stats: bool = True) -> SequenceLogps:
@@ -230,7 +204,7 @@ class DPOTrainer(Trainer):
             return inputs["ref_logps"]
         with torch.no_grad(), modeling.reference_policy(model, self.reference) as reference_model:
             out = self.sequence_logps(reference_model, inputs, with_stats=False)
-        return _by_row(out.logps, inputs["response_mask"]).detach()
+        return out.by_row(inputs["response_mask"].shape[0]).logps.detach()
 
     # ---------------------------------------------------------------- loss and metrics
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -243,15 +217,12 @@ class DPOTrainer(Trainer):
         if mode == "train":
             self.guard.observe(loss, inputs.get("source_line"))
         if mode == "eval" or torch.isfinite(loss.detach()):  # a non-finite batch would make every metric NaN
-            self._store_metrics(mode, policy, rewards, response_mask, loss_metrics)
+            sums = self._metric_sums[mode]
+            for key, value in metric_sums(policy, rewards, response_mask, loss_metrics).items():
+                sums[key] = sums[key] + value
         if return_outputs:
             return loss, {"policy_logps": policy.logps.detach(), "rewards": rewards}
         return loss
-
-    def _store_metrics(self, mode, policy: SequenceLogps, rewards, response_mask, loss_metrics) -> None:
-        sums = self._metric_sums[mode]
-        for key, value in metric_sums(policy, rewards, response_mask, loss_metrics).items():
-            sums[key] = sums[key] + value
 
     def _reduced_metrics(self, mode: str) -> dict[str, float]:
         """This logging window's means, over every rank (losses.metric_means)."""
@@ -259,9 +230,7 @@ class DPOTrainer(Trainer):
         if not sums:
             return {}
         keys = sorted(sums)
-        stacked = torch.stack(
-            [torch.as_tensor(sums[k], dtype=torch.float32, device=self.args.device) for k in keys]
-        )
+        stacked = torch.stack([torch.as_tensor(sums[k], device=self.args.device).float() for k in keys])
         return metric_means(dict(zip(keys, self.accelerator.reduce(stacked, reduction="sum").tolist())))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -287,20 +256,15 @@ class DPOTrainer(Trainer):
 
     # ---------------------------------------------------------------- training, saving, publishing
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
-        """transformers' train(), resuming only from complete checkpoints; a machine fault while saving (disk
-        full, permissions) raises SaveError naming the folder and the checkpoint to resume from. With
-        push_to_hub, the final adapter and card are published when training ends (a failure is logged and
-        kept in `hub_push_failures`; hub_strategy decides what is pushed during training)."""
+        """transformers' train(), resuming only from complete checkpoints; a machine fault while saving raises
+        SaveError. With push_to_hub, the end publishes adapter and card (failures: `hub_push_failures`)."""
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         with self._save_faults():
             output = super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
-        self.hub_push_failures.extend(self._hub_callback.failures)
         if self.args.push_to_hub:
-            from .hub import HubPushError
-
             try:
                 self.push_to_hub(commit_message="End of training")
-            except HubPushError as err:
+            except hub.HubPushError as err:
                 logger.error("%s", err)
                 self.hub_push_failures.append(f"end of training: {str(err).splitlines()[0]}")
         return output
@@ -324,19 +288,14 @@ class DPOTrainer(Trainer):
         """Turn a machine fault while saving into SaveError (see as_save_error)."""
         try:
             yield
-        except SaveError:
-            raise
         except Exception as err:
-            save_error = as_save_error(err, self.args.output_dir, self.state.global_step)
-            if save_error is None:
+            if (save_error := as_save_error(err, self.args.output_dir, self.state.global_step)) is None:
                 raise
             raise save_error from err
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """The repo is created by the first push, not here: a Hub outage must not stop a run before it starts."""
-        from .hub import check_repo_id
-
-        check_repo_id(self.hub_repo_id)
+        hub.check_repo_id(self.hub_repo_id)
 
     @property
     def hub_repo_id(self) -> str:
@@ -363,9 +322,8 @@ class DPOTrainer(Trainer):
         private=None,
         **kwargs,
     ):
-        """Publish the adapter, its config, the tokenizer, hf_dpo's card, its curves and the results files to
-        hub_model_id (never the token, local paths, training_args.bin or optimizer/scheduler/RNG states).
-        Returns the commit URL; raises hf_dpo.hub.HubPushError, with the command that retries, on failure."""
+        """Publish adapter, tokenizer, hf_dpo's card, curves and results (never the token, local paths,
+        training_args.bin or optimizer states); returns the commit URL, raises HubPushError (with a retry)."""
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
@@ -374,9 +332,7 @@ class DPOTrainer(Trainer):
         return self._publish(self.args.output_dir, None, commit_message, token, revision, private)
 
     def _publish(self, folder, path_in_repo, commit_message, token=None, revision=None, private=None) -> str:
-        from .hub import push_folder
-
-        return push_folder(
+        return hub.push_folder(
             folder,
             self.hub_repo_id,
             token=token or self._hub_token,
@@ -388,11 +344,7 @@ class DPOTrainer(Trainer):
 
     def write_model_card(self, output_dir, license=None, model_name=None, datasets=None) -> Path:
         """Render README.md and training_curves.png into output_dir from the run's settings and log history."""
-        from .card import write_card
-        from .curves import plot_training_curves
-
-        plot_training_curves(self.state.log_history, Path(output_dir) / "training_curves.png")
-        spec = self.loss_spec
+        curves.plot_training_curves(self.state.log_history, Path(output_dir) / "training_curves.png")
         inputs = {
             "base_model": _model_name(self.model),
             "datasets": datasets or self.datasets_used,
@@ -404,10 +356,10 @@ class DPOTrainer(Trainer):
             "reference": self.reference.description,
             "losses": [
                 {"name": name, "weight": weight, "paper": LOSSES[name].paper}
-                for name, weight in zip(spec.loss_types, spec.weights)
+                for name, weight in zip(self.loss_spec.loss_types, self.loss_spec.weights)
             ],
         }
-        return write_card(output_dir, inputs, template_path=self.args.model_card_template)
+        return card.write_card(output_dir, inputs, template_path=self.args.model_card_template)
 
     def card_settings(self) -> dict:
         """The flat settings table of the card (no secrets, no local paths)."""
@@ -423,9 +375,8 @@ class DPOTrainer(Trainer):
         }
         names = [*_CARD_SETTINGS, *(name for name, shown in shown_when.items() if shown)]
         settings = {name: getattr(args, name) for name in names}
-        settings.update(
-            share_prompt=self.share_prompt, global_step=self.state.global_step
-        )  # the values in effect
+        # The values in effect:
+        settings.update(share_prompt=self.share_prompt, global_step=self.state.global_step)
         settings.update(world_size=args.world_size, quantization=modeling.describe_quantization(self.model))
         peft_model = modeling.unwrap(self.model)
         lora = getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", None))
@@ -475,13 +426,11 @@ def _private_copy(args) -> DPOConfig:
 
 def _model_name(model: nn.Module) -> str:
     """The base model's name or path (a Hub id, a local folder, or the tiny model's name)."""
-    from .tiny import TINY_MODEL_NAME
-
     inner = modeling.unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     name = str(getattr(getattr(base, "config", None), "_name_or_path", "") or "")
     if name and (Path(name) / "hf_dpo_tiny.json").is_file():
-        return TINY_MODEL_NAME
+        return tiny.TINY_MODEL_NAME
     return name or "a causal language model"
 
 
@@ -504,9 +453,3 @@ def _final_results(log_history: list[dict]) -> dict:
         and not key.startswith("train_")
         and not key.endswith(skip)
     }
-
-
-def _by_row(per_sequence: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """(K*B,) completion-major per-sequence values -> (B, K) with column k the k-th response of each row."""
-    rows, k = response_mask.shape
-    return per_sequence.view(k, rows).t()
