@@ -123,8 +123,10 @@ def _without_stats(trainer):
     metrics that read them, so that everything else in the step stays the same)."""
     import dataclasses
 
+    original = trainer.sequence_logps  # the bound method, taken before the instance attribute replaces it
+
     def sequence_logps(model, inputs):
-        out = trainer._sequence_logps(model, inputs, with_stats=False)
+        out = original(model, inputs, with_stats=False)
         zeros = out.token_counts.new_zeros(out.token_counts.shape)
         return dataclasses.replace(out, entropy_sums=zeros, top1_hits=zeros)
 
