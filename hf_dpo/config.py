@@ -1,7 +1,6 @@
 """Argument dataclasses: ModelArguments, DataArguments and DPOConfig (a transformers.TrainingArguments).
 
-Names follow TRL and alignment-handbook so configs carry over; each field's help says what it does and
-which way to turn it. Everything not defined here is `transformers.TrainingArguments`, unchanged.
+Names follow TRL and alignment-handbook so configs carry over; all else is `transformers.TrainingArguments`.
 """
 
 from __future__ import annotations
