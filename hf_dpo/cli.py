@@ -1,10 +1,9 @@
 """The `hf-dpo` command (train, eval, push, merge) and the one table of exit codes of every entry point.
 
-`hf-dpo eval --adapter DIR [--flags]` gives the DPO metrics of an adapter against its base model (the adapter
-is loaded frozen, so the reference is the base): printed as JSON on stdout and written to OUT/eval_results.json
-(OUT: --output_dir, default DIR). The DPO settings default to those the adapter was trained with (its
-hf_dpo_run.json); flags override them. Rows: --dataset_test_split, else the rows the recipe held out with the
-same --dataset_test_size and seed, else every row of the train split (the bundled data by default).
+`hf-dpo eval --adapter DIR [--flags]`: the DPO metrics of an adapter against its base model (the adapter is
+frozen, so the reference is the base), as JSON on stdout and in OUT/eval_results.json (OUT: --output_dir,
+default DIR). DPO settings default to the run's hf_dpo_run.json; flags override them. Rows: --dataset_test_split,
+else the rows the recipe held out (same --dataset_test_size and seed), else the train split (bundled data).
 """
 
 from __future__ import annotations
@@ -19,8 +18,7 @@ from pathlib import Path
 
 from . import __version__
 
-# An error of a module that was never imported cannot have been raised, so the table imports nothing (a push
-# starts without torch).
+# (module, error, exit code, message prefix); run_guarded imports nothing, so a push starts without torch.
 EXIT_CODES = (
     ("hf_dpo.data.sources", "PreferenceDataError", 2, "bad preference data: "),
     ("hf_dpo.cli", "UsageError", 2, ""),
@@ -33,11 +31,6 @@ EVAL_USAGE = (
     "usage: hf-dpo eval --adapter DIR [--dataset_name D] [--dataset_test_split S | --dataset_test_size N] "
     "[--output_dir O] [other ModelArguments/DataArguments/DPOConfig flags]"
 )
-# The settings an adapter was trained with, reused by `hf-dpo eval` unless given: the loss of an IPO adapter,
-# or one trained with beta 0.01, means something else under the defaults.
-RUN_SETTINGS = ("loss_type", "loss_weights", "f_divergence_type", "f_alpha_divergence_coef", "ld_alpha")
-RUN_SETTINGS += ("use_weighting", "discopop_tau", "simpo_gamma", "beta", "label_smoothing", "reference_free")
-RUN_SETTINGS += ("logp_reduction", "max_length", "max_prompt_length")
 
 
 class UsageError(Exception):
@@ -57,31 +50,26 @@ def usage_errors() -> Iterator[None]:
         raise UsageError(str(err)) from err
 
 
-def exit_code(err: BaseException) -> tuple[int, str] | None:
-    """(exit code, one-line message) for an error a user can act on; None for a bug (keep the traceback)."""
-    for module, name, code, prefix in EXIT_CODES:
-        kind = getattr(sys.modules.get(module), name, None)
-        if kind is not None and isinstance(err, kind):
-            return code, prefix + str(err)
-    return None
-
-
 def run_guarded(main, argv) -> int:
-    """main(argv), with an error a user can act on printed as one line on stderr and its exit code."""
+    """main(argv), with an error a user can act on printed as one line on stderr and its exit code (a bug
+    keeps its traceback). An error of a module that was never imported cannot have been raised."""
     try:
         return main(argv)
     except Exception as err:
-        known = exit_code(err)
-        if known is None:
-            raise
-        print(f"error: {known[1]}", file=sys.stderr)
-        return known[0]
+        for module, name, code, prefix in EXIT_CODES:
+            kind = getattr(sys.modules.get(module), name, None)
+            if kind is not None and isinstance(err, kind):
+                print(f"error: {prefix}{err}", file=sys.stderr)
+                return code
+        raise
 
 
-def _adapter(path) -> Path:
-    if not (Path(path) / "adapter_config.json").is_file():
+def _adapter(path) -> tuple[Path, str | None]:
+    """The adapter folder and the base model its adapter_config.json names."""
+    config = Path(path) / "adapter_config.json"
+    if not config.is_file():
         raise UsageError(f"{path} holds no adapter_config.json: not a LoRA adapter")
-    return Path(path)
+    return Path(path), json.loads(config.read_text()).get("base_model_name_or_path")
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -103,12 +91,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .modeling import load_tokenizer
     from .tiny import resolve_model_path
 
-    adapter, out = _adapter(args.adapter), Path(args.out)
+    (adapter, recorded_base), out = _adapter(args.adapter), Path(args.out)
     if out.resolve() == adapter.resolve():
         raise UsageError("--out must be a new folder, not the adapter's own")
-    base_name = args.base or json.loads((adapter / "adapter_config.json").read_text()).get(
-        "base_model_name_or_path"
-    )
+    base_name = args.base or recorded_base
     if not base_name:
         raise UsageError("the adapter does not name its base model; pass --base")
     try:
@@ -137,11 +123,12 @@ def cmd_eval(argv: list[str]) -> int:
     with usage_errors():
         if "--adapter" in argv[:-1]:
             at = argv.index("--adapter")
-            adapter, rest = _adapter(argv[at + 1]), argv[:at] + argv[at + 2 :]
+            folder, rest = argv[at + 1], argv[:at] + argv[at + 2 :]
         elif argv and not argv[0].startswith("-"):
-            adapter, rest = _adapter(argv[0]), argv[1:]
+            folder, rest = argv[0], argv[1:]
         else:
             raise UsageError(f"which adapter? pass --adapter DIR\n{EVAL_USAGE}")
+        adapter, recorded_base = _adapter(folder)
         rest = [*rest, *_run_settings(adapter, rest)]
         write_to = Path(rest[rest.index("--output_dir") + 1]) if "--output_dir" in rest[:-1] else adapter
         with tempfile.TemporaryDirectory(prefix="hf_dpo_eval_") as scratch:
@@ -150,10 +137,7 @@ def cmd_eval(argv: list[str]) -> int:
                 parser, ["--output_dir", scratch, *rest, "--report_to", "none"]
             )
             if "--model_name_or_path" not in rest:
-                recorded = json.loads((adapter / "adapter_config.json").read_text()).get(
-                    "base_model_name_or_path"
-                )
-                model_args.model_name_or_path = recorded or model_args.model_name_or_path
+                model_args.model_name_or_path = recorded_base or model_args.model_name_or_path
             model_args.adapter_name_or_path = str(adapter)
             loaded = load_model(model_args, use_cpu=args.use_cpu)
             loaded.model.requires_grad_(False)  # evaluated, not trained: the reference is then the base model
@@ -171,19 +155,20 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def _run_settings(adapter: Path, argv: list[str]) -> list[str]:
-    """Flags for the settings recorded in the run's hf_dpo_run.json (written at save) that argv does not set."""
+    """Flags for the settings recorded in the run's hf_dpo_run.json (written at save) that argv does not set:
+    the loss of an IPO adapter, or one trained with beta 0.01, means something else under the defaults."""
+    from .config import LOSS_OPTIONS
+    from .yaml_args import value_flags
+
     try:
         training = json.loads((adapter / "hf_dpo_run.json").read_text(encoding="utf-8"))["training"]
         assert isinstance(training, dict)
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         return []  # not an hf_dpo run folder (e.g. an adapter from elsewhere): the defaults apply
     flags = []
-    for name in RUN_SETTINGS:
-        value = training.get(name)
-        if value is None or f"--{name}" in argv or any(a.startswith(f"--{name}=") for a in argv):
-            continue
-        values = value if isinstance(value, list) else [value]
-        flags += [f"--{name}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    for name in ("loss_type", "loss_weights", *LOSS_OPTIONS, "max_length", "max_prompt_length"):
+        if f"--{name}" not in argv and not any(a.startswith(f"--{name}=") for a in argv):
+            flags += value_flags(name, training.get(name))
     return flags
 
 
@@ -194,12 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hf_dpo {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser(
-        "train", help="run the QLoRA DPO recipe: hf-dpo train [config.yaml] [--flags]", add_help=False
-    )
-    sub.add_parser(
-        "eval", help="evaluate an adapter: hf-dpo eval --adapter DIR [--dataset_name ...]", add_help=False
-    )
+    for name, summary in (
+        ("train", "run the QLoRA DPO recipe: hf-dpo train [config.yaml] [--flags]"),
+        ("eval", "evaluate an adapter: hf-dpo eval --adapter DIR [--dataset_name ...]"),
+    ):
+        sub.add_parser(name, help=summary, add_help=False)  # flags: ModelArguments, DataArguments, DPOConfig
     push = sub.add_parser("push", help="publish a finished run to the Hub")
     push.add_argument("output_dir")
     push.add_argument("--repo-id", required=True, help="namespace/name on the Hub")

@@ -1,7 +1,6 @@
 """Argument dataclasses: ModelArguments, DataArguments and DPOConfig (a transformers.TrainingArguments).
 
-Names follow TRL and alignment-handbook so configs carry over; each field's help says what it does and
-which way to turn it. Everything not defined here is `transformers.TrainingArguments`, unchanged.
+Names follow TRL and alignment-handbook so configs carry over; all else is `transformers.TrainingArguments`.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from .losses import LOSS_TYPES, validate_loss_options
@@ -171,7 +171,7 @@ class DPOConfig(TrainingArguments):
 
     def __post_init__(self):
         launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        if launched > 1 and not self.use_cpu and not _has_accelerator():
+        if launched > 1 and not self.use_cpu and not torch.accelerator.is_available():
             # torchrun / accelerate launch on a machine without GPUs: one data-parallel job on CPU (gloo), never
             # N independent runs writing the same output_dir.
             logger.info("%d processes and no GPU: training data-parallel on CPU (use_cpu)", launched)
@@ -183,33 +183,30 @@ class DPOConfig(TrainingArguments):
             self.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
 
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.accelerator.is_available()
+# The options of the loss; which loss reads which is losses.py's knowledge (validate_loss_options).
+LOSS_OPTIONS = ("beta", "label_smoothing", "reference_free", "f_divergence_type", "f_alpha_divergence_coef")
+LOSS_OPTIONS += ("ld_alpha", "use_weighting", "discopop_tau", "simpo_gamma", "logp_reduction")
+CHOICES = {"logp_reduction": ("sum", "mean"), "nonfinite_action": ("stop", "skip")}
+POSITIVE_OR_UNSET = ("max_length", "max_prompt_length", "pad_to_multiple_of", "logp_chunk_size")
+CONFLICTS = (  # (the option that would be ignored, the setting that makes it so, why)
+    ("pad_to_multiple_of", "padding_free", "nothing is padded"),
+    ("precompute_ref_log_probs", "reference_free", "there is no reference"),
+    ("ref_adapter_name", "reference_free", "there is no reference"),
+)
 
 
 def refuse_ignored_options(args: DPOConfig) -> None:
-    """Raise ValueError naming the options for a setting that would be ignored or cannot work together.
-    Which loss reads which option is losses.py's knowledge (validate_loss_options)."""
-    loss_options = (
-        "beta",
-        "label_smoothing",
-        "reference_free",
-        "f_divergence_type",
-        "f_alpha_divergence_coef",
-    )
-    loss_options += ("ld_alpha", "use_weighting", "discopop_tau", "simpo_gamma", "logp_reduction")
+    """Raise ValueError naming the options for a setting that would be ignored or cannot work together."""
     args.loss_type = validate_loss_options(
         args.loss_type,
         args.loss_weights,
         precompute_ref_log_probs=args.precompute_ref_log_probs,
-        **{name: getattr(args, name) for name in loss_options},
+        **{name: getattr(args, name) for name in LOSS_OPTIONS},
     )
-    for name, allowed in {"logp_reduction": ("sum", "mean"), "nonfinite_action": ("stop", "skip")}.items():
+    for name, allowed in CHOICES.items():
         if getattr(args, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(args, name)!r}")
-    for name in ("max_length", "max_prompt_length", "pad_to_multiple_of", "logp_chunk_size"):
+    for name in POSITIVE_OR_UNSET:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"{name} must be a positive number or unset, got {getattr(args, name)}")
     if args.max_prompt_length is not None and args.max_length is None:
@@ -221,23 +218,6 @@ def refuse_ignored_options(args: DPOConfig) -> None:
             f"max_prompt_length ({args.max_prompt_length}) must be smaller than max_length ({args.max_length}), "
             "or unset it: the prompt is then cut only as far as the completions need"
         )
-    conflicts = [  # (refused, the option that would be ignored, the setting that makes it so, why)
-        (
-            args.padding_free and args.pad_to_multiple_of,
-            "pad_to_multiple_of",
-            "padding_free",
-            "nothing is padded",
-        ),
-        (
-            args.reference_free and args.precompute_ref_log_probs,
-            "precompute_ref_log_probs",
-            "reference_free",
-            "",
-        ),
-        (args.reference_free and args.ref_adapter_name, "ref_adapter_name", "reference_free", ""),
-    ]
-    for refused, ignored, setting, why in conflicts:
-        if refused:
-            raise ValueError(
-                f"{ignored} has no effect with {setting} ({why or 'there is no reference'}); unset one"
-            )
+    for ignored, setting, why in CONFLICTS:
+        if getattr(args, setting) and getattr(args, ignored):
+            raise ValueError(f"{ignored} has no effect with {setting} ({why}); unset one")

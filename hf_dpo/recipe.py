@@ -4,19 +4,16 @@
     hf-dpo train [config.yaml] [--flag value ...]     # the same recipe
     python recipes/qlora_dpo.py                       # the embedded default: bundled data + a tiny local model
 
-Supports:
-    - base model in 4-bit (NF4/FP4, nested), 8-bit or full precision, with a new LoRA adapter or one to
-      continue (`adapter_name_or_path`, whose frozen copy is then the reference policy);
-    - every loss of `hf_dpo.losses`, reference-free; the reference live (adapter disabled) or precomputed;
-    - padded or padding-free batches, gradient accumulation and checkpointing, resume, data parallel;
-    - everything in `transformers.TrainingArguments` (report_to, save/eval strategies, push_to_hub with
-      hub_model_id / hub_strategy / hub_private_repo / hub_token, ...), handled by `hf_dpo.DPOTrainer`.
-Assumes:
-    - a causal LM whose tokenizer knows its special tokens (and a chat template for conversational data);
-    - preference data in one of the formats of DESIGN.md (seed `chose`/`rejected`, explicit, chat, ranked).
+Supports a base model in 4-bit (NF4/FP4, nested), 8-bit or full precision with a new LoRA adapter or one to
+continue (`adapter_name_or_path`, whose frozen copy is then the reference); every loss of `hf_dpo.losses`,
+reference-free, the reference live (adapter disabled) or precomputed; padded or padding-free batches, gradient
+accumulation and checkpointing, resume, data parallel; everything in `transformers.TrainingArguments`
+(report_to, save/eval strategies, push_to_hub with hub_model_id / hub_strategy / hub_private_repo / hub_token).
+Assumes a causal LM whose tokenizer knows its special tokens (and a chat template for conversational data), and
+preference data in a format of DESIGN.md (seed `chose`/`rejected`, explicit, chat, ranked).
 
-Exit codes (see hf_dpo.cli.EXIT_CODES): 0 success; 2 bad arguments or data; 3 non-finite loss; 4 training
-finished but the push failed; 5 a file could not be written (disk full, permissions).
+Exit codes (hf_dpo.cli.EXIT_CODES): 0 success; 2 bad arguments or data; 3 non-finite loss; 4 training finished
+but the push failed; 5 a file could not be written (disk full, permissions).
 """
 
 from __future__ import annotations
@@ -47,9 +44,8 @@ logger = logging.getLogger("hf_dpo.recipe")
 def main(argv: list[str] | None = None) -> int:
     with usage_errors():  # a mistake in the flags, config, model or data stops the run here, before training
         # 1. Parse: flags, a YAML file, or a YAML file plus flags that override it; no arguments -> tiny.yaml.
-        argv = list(sys.argv[1:] if argv is None else argv) or [
-            str(bundled_file("recipes/configs/tiny.yaml"))
-        ]
+        argv = list(sys.argv[1:] if argv is None else argv)
+        argv = argv or [str(bundled_file("recipes/configs/tiny.yaml"))]
         parser = HfArgumentParser((ModelArguments, DataArguments, DPOConfig))
         model_args, data_args, training_args = parse_args(parser, argv)
         check_report_to(training_args.report_to)
@@ -112,26 +108,21 @@ def resume_hint(argv: list[str]) -> Iterator[None]:
             raise
         program = sys.argv[0]
         command = ["python", program] if program.endswith(".py") else [Path(program).name, "train"]
-        command += [arg for arg in argv if arg != "--resume_from_checkpoint"] + [
-            "--resume_from_checkpoint",
-            "true",
-        ]
+        command += [arg for arg in argv if arg != "--resume_from_checkpoint"]
+        command += ["--resume_from_checkpoint", "true"]
         raise SaveError(f"{err} Resume with: {shlex.join(command)}", err.last_checkpoint) from err
 
 
 def load_splits(data_args: DataArguments, seed: int):
     """ "train", and "test" when a test split or test size is given, from the data arguments."""
+    same_names = ("dataset_config", "prompt_field", "chosen_field", "rejected_field", "ranked_mode")
     return load_preference_data(
         data_args.dataset_name or str(bundled_data_path()),
         split=data_args.dataset_train_split,
         test_split=data_args.dataset_test_split,
         test_size=data_args.dataset_test_size,
         seed=seed,
-        dataset_config=data_args.dataset_config,
-        prompt_field=data_args.prompt_field,
-        chosen_field=data_args.chosen_field,
-        rejected_field=data_args.rejected_field,
-        ranked_mode=data_args.ranked_mode,
+        **{name: getattr(data_args, name) for name in same_names},
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,17 +25,8 @@ class ArgumentsError(ValueError):
     """A bad flag, config file or value; the message says where it came from and, if it can, what was meant."""
 
 
-@dataclass(frozen=True)
-class ConfigSetting:
-    """One `key: value` of a YAML config and the (1-based) line it is on."""
-
-    key: str
-    value: Any
-    line: int
-
-
-def read_yaml_config(path: str | Path) -> list[ConfigSetting]:
-    """The settings of a flat YAML mapping, in file order, each with its line number."""
+def read_yaml_config(path: str | Path) -> list[tuple[str, Any, int]]:
+    """(key, value, 1-based line) of each setting of a flat YAML mapping, in file order."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -56,8 +46,7 @@ def read_yaml_config(path: str | Path) -> list[ConfigSetting]:
             f"{path}, line {root.start_mark.line + 1}: expected a mapping of argument names to values "
             f"(`beta: 0.1`), got {type(values).__name__}"
         )
-    settings: list[ConfigSetting] = []
-    first_line: dict[str, int] = {}
+    settings, first_line = [], {}
     for key_node, _ in root.value:
         key, line = str(key_node.value), key_node.start_mark.line + 1
         if key in first_line:
@@ -65,50 +54,42 @@ def read_yaml_config(path: str | Path) -> list[ConfigSetting]:
                 f"{path}, line {line}: {key!r} is set twice (also on line {first_line[key]})"
             )
         first_line[key] = line
-        settings.append(ConfigSetting(key, values[key_node.value], line))
+        settings.append((key, values[key_node.value], line))
     return settings
 
 
-def setting_to_flags(setting: ConfigSetting) -> list[str]:
-    """`key: value` -> `--key value` (booleans lower-case, lists as several values, mappings as JSON)."""
-    value = setting.value
-    if value is None:
-        return []
+def value_flags(key: str, value: Any) -> list[str]:
+    """`key: value` -> `--key value` (None: no flag; bools lower-case, lists as several values, dicts as JSON)."""
     if isinstance(value, bool):
-        return [f"--{setting.key}", str(value).lower()]
-    if isinstance(value, list) and setting.key == "report_to":  # a single-string flag in transformers 5
-        return [f"--{setting.key}", ",".join(str(v) for v in value)]
-    if isinstance(value, list):
-        return [f"--{setting.key}", *(str(v) for v in value)]
-    if isinstance(value, dict):
-        return [f"--{setting.key}", json.dumps(value)]
-    return [f"--{setting.key}", str(value)]
+        value = str(value).lower()
+    elif isinstance(value, list) and key == "report_to":  # a single-string flag in transformers 5
+        value = ",".join(str(v) for v in value)
+    elif isinstance(value, dict):
+        value = json.dumps(value)
+    values = value if isinstance(value, list) else [value]
+    return [] if value is None else [f"--{key}", *(str(v) for v in values)]
 
 
 def parse_args(parser: HfArgumentParser, argv: list[str]):
     """Parse `[config.yaml] [--flags]` into the parser's dataclasses; flags after the file override its values.
-
-    Raises FileNotFoundError for a missing config file and ArgumentsError for an unknown name or a bad value,
-    naming the file and line (for a config value) or the flag (for a command-line one).
-    """
+    FileNotFoundError for a missing file; ArgumentsError naming the file and line, or the flag, for a bad one."""
     argv = [_renamed_flag(arg) for arg in argv]
     config_path, settings = None, []
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
         config_path = argv.pop(0)
-        settings = [
-            ConfigSetting(RENAMED.get(s.key, s.key), s.value, s.line) for s in read_yaml_config(config_path)
-        ]
+        settings = [(RENAMED.get(k, k), v, line) for k, v, line in read_yaml_config(config_path)]
     known = {action.dest for action in parser._actions}
-    for setting in settings:
-        if setting.key not in known:
+    for key, _, line in settings:
+        if key not in known:
             raise ArgumentsError(
-                f"{config_path}, line {setting.line}: unknown argument {setting.key!r}"
-                + _did_you_mean(setting.key, known)
+                f"{config_path}, line {line}: unknown argument {key!r}" + _did_you_mean(key, known)
             )
     overridden = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
     # Where each value came from, for messages: the config's line unless a flag overrides it.
     origin = {
-        s.key: f"{config_path}, line {s.line}, field {s.key!r}" for s in settings if s.key not in overridden
+        key: f"{config_path}, line {line}, field {key!r}"
+        for key, _, line in settings
+        if key not in overridden
     }
 
     def error(message: str):  # replaces argparse's usage dump + exit(2)
@@ -116,7 +97,7 @@ def parse_args(parser: HfArgumentParser, argv: list[str]):
         where = origin.get(match.group(1)) if match else None
         raise ArgumentsError(f"{where}: {message}" if where else message)
 
-    flags = [flag for setting in settings for flag in setting_to_flags(setting)] + argv
+    flags = [flag for key, value, _ in settings for flag in value_flags(key, value)] + argv
     parser.error = error
     try:
         *parsed, remaining = parser.parse_args_into_dataclasses(
@@ -142,9 +123,7 @@ def parse_args(parser: HfArgumentParser, argv: list[str]):
 
 def _renamed_flag(arg: str) -> str:
     name, sep, value = arg[2:].partition("=")
-    if arg.startswith("--") and name in RENAMED:
-        return f"--{RENAMED[name]}{sep}{value}"
-    return arg
+    return f"--{RENAMED[name]}{sep}{value}" if arg.startswith("--") and name in RENAMED else arg
 
 
 def _unknown_flags_message(remaining: list[str], known: set[str]) -> str:
