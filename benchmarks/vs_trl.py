@@ -188,7 +188,8 @@ Command: `{command}`
   average ({padding:.0%} of the padded batch is padding); the same token ids in the same order for both
   (identical per-step token counts: {"yes" if same_tokens else "NO"}).
 - Runs: {args.repeat} per implementation, alternating, each a fresh process; {args.warmup_steps} warm-up + {steps}
-  measured steps per run; torch threads {args.threads}; gradient checkpointing {"on" if checkpointing else "off"}.
+  measured steps per run; torch threads {args.threads}; gradient checkpointing {"on" if checkpointing else "off"};
+  hf_dpo with its defaults (prompt sharing on; prompts are 1/16 to 1/4 of max_length here, so it gains little).
 - Sanity check, first step (same weights, same rows): loss hf_dpo {first["hf"].get("loss", float("nan")):.6f} /
   TRL {first["trl"].get("loss", float("nan")):.6f}; logps/chosen hf_dpo {first["hf"].get("logps/chosen", float("nan")):.4f} /
   TRL {first["trl"].get("logps/chosen", float("nan")):.4f}.
