@@ -540,7 +540,7 @@ def test_trust_remote_code_is_off_unless_turned_on(tiny_model_path, tmp_path):
 
 # ------------------------------------------------------------------------------------- fuzzed data files
 
-# tests/test_data.py fuzzes .jsonl files (random bytes, random JSON, wrong types, near-valid rows) and has
+# tests/test_data_sources.py fuzzes .jsonl files (random bytes, random JSON, wrong types, near-valid rows) and has
 # a 2 MB line and 200,000-deep nesting. Here: the other file types, under a time limit (a hang fails).
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
