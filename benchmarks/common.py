@@ -625,8 +625,10 @@ def worker_env(threads: int) -> dict:
     return env
 
 
-def run_subprocess(spec: RunSpec, scratch: Path, verbose: bool = False) -> dict:
-    """Run one measurement in a fresh Python process; return its result dict (raises on failure)."""
+def run_subprocess(spec: RunSpec, scratch: Path, verbose: bool = False, script: str | None = None) -> dict:
+    """Run one measurement in a fresh Python process; return its result dict (raises on failure).
+
+    The worker is this module, or `script --worker` for a script with a worker of its own."""
     scratch.mkdir(parents=True, exist_ok=True)
     fd, spec_path = tempfile.mkstemp(suffix=".json", dir=scratch)
     os.close(fd)
@@ -636,8 +638,9 @@ def run_subprocess(spec: RunSpec, scratch: Path, verbose: bool = False) -> dict:
     # Each worker's HF_DPO_CACHE is private: a precomputed reference is computed, never read from a cache.
     env["HF_DPO_CACHE"] = str(scratch / f"cache_{Path(spec_path).stem}")
     t0 = time.perf_counter()
+    worker = [str(Path(script).resolve()), "--worker"] if script else [str(Path(__file__).resolve())]
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), spec_path, out_path],
+        [sys.executable, *worker, spec_path, out_path],
         env=env,
         cwd=str(REPO_ROOT),
         capture_output=True,

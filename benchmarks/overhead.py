@@ -27,12 +27,10 @@ Writes benchmarks/results/overhead_<shape>.md and prints it.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -298,7 +296,7 @@ def main_interleaved(args) -> int:
                 warmup_steps=args.warmup_steps,
                 label=f"process {r + 1}",
             )
-            results.append(run_interleaved(spec, scratch))
+            results.append(common.run_subprocess(spec, scratch, script=__file__))
             print(f"  process {r + 1}/{repeat} done", flush=True)
         text = report_interleaved(args, shape, batch, max_length, rounds, repeat, results)
     finally:
@@ -309,28 +307,6 @@ def main_interleaved(args) -> int:
     print(text)
     print(f"written {path}\ntotal {time.perf_counter() - t0:.0f} s")
     return 0
-
-
-def run_interleaved(spec: common.RunSpec, scratch: Path) -> dict:
-    import json
-    import subprocess
-
-    fd, spec_path = tempfile.mkstemp(suffix=".json", dir=scratch)
-    os.close(fd)
-    out_path = spec_path.replace(".json", ".out.json")
-    Path(spec_path).write_text(json.dumps(asdict(spec)))
-    env = common.worker_env(spec.threads)
-    env["HF_DPO_CACHE"] = str(scratch / f"cache_{Path(spec_path).stem}")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", spec_path, out_path],
-        env=env,
-        cwd=str(common.REPO_ROOT),
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"interleaved worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(Path(out_path).read_text())
 
 
 def report_interleaved(args, shape, batch, max_length, rounds, repeat, results) -> str:

@@ -31,14 +31,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -152,7 +150,7 @@ def main(argv=None) -> int:
             speed = []
             for r in range(args.repeat):
                 run = spec("interleaved", f"interleaved #{r + 1}", None, args.rounds, args.warmup_rounds)
-                speed.append(run_interleaved(run, scratch))
+                speed.append(common.run_subprocess(run, scratch, script=__file__))
                 print(f"{case.name}: interleaved process {r + 1}/{args.repeat}: {summarize_speed(speed[-1])}")
             memory = {config: [] for config in CONFIGS}
             for config in CONFIGS if len(results) % 2 == 0 else reversed(CONFIGS):
@@ -232,25 +230,6 @@ def interleaved_worker(spec: common.RunSpec) -> dict:
             cpu[name].append(time.process_time() - c0)
     shutil.rmtree(out, ignore_errors=True)
     return {"wall": wall, "cpu": cpu, "tokens": tokens, "slots": slots, "warmup_steps": spec.warmup_steps}
-
-
-def run_interleaved(spec: common.RunSpec, scratch: Path) -> dict:
-    fd, spec_path = tempfile.mkstemp(suffix=".json", dir=scratch)
-    os.close(fd)
-    out_path = spec_path.replace(".json", ".out.json")
-    Path(spec_path).write_text(json.dumps(asdict(spec)))
-    env = common.worker_env(spec.threads)
-    env["HF_DPO_CACHE"] = str(scratch / f"cache_{Path(spec_path).stem}")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", spec_path, out_path],
-        env=env,
-        cwd=str(common.REPO_ROOT),
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"interleaved worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(Path(out_path).read_text())
 
 
 def round_ratios(result: dict, clock: str) -> list[float]:

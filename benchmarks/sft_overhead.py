@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -125,31 +122,12 @@ def _without_stats(trainer):
 
     original = trainer.sequence_logps  # the bound method, taken before the instance attribute replaces it
 
-    def sequence_logps(model, inputs):
+    def sequence_logps(model, inputs, with_stats=True):  # the reference pass asks for none anyway
         out = original(model, inputs, with_stats=False)
         zeros = out.token_counts.new_zeros(out.token_counts.shape)
         return dataclasses.replace(out, entropy_sums=zeros, top1_hits=zeros)
 
     return sequence_logps
-
-
-def run_process(spec: common.RunSpec, scratch: Path) -> dict:
-    fd, spec_path = tempfile.mkstemp(suffix=".json", dir=scratch)
-    os.close(fd)
-    out_path = spec_path.replace(".json", ".out.json")
-    Path(spec_path).write_text(json.dumps(asdict(spec)))
-    env = common.worker_env(spec.threads)
-    env["HF_DPO_CACHE"] = str(scratch / f"cache_{Path(spec_path).stem}")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", spec_path, out_path],
-        env=env,
-        cwd=str(common.REPO_ROOT),
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(Path(out_path).read_text())
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -227,7 +205,7 @@ def main(argv=None) -> int:
                 warmup_steps=args.warmup_steps,
                 label=f"process {r + 1}",
             )
-            results.append(run_process(spec, scratch))
+            results.append(common.run_subprocess(spec, scratch, script=__file__))
             print(f"  process {r + 1}/{args.repeat} done", flush=True)
         text = report(args, shape, batch, max_length, results)
     finally:

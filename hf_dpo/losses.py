@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -595,18 +595,8 @@ class LossSpec:
     weights: tuple[float, ...] = field(init=False, repr=False)
 
     def __post_init__(self):
-        names = validate_loss_options(
-            self.loss_types,
-            self.loss_weights,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-            reference_free=self.reference_free,
-            f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-            use_weighting=self.use_weighting,
-            discopop_tau=self.discopop_tau,
-            simpo_gamma=self.simpo_gamma,
-        )
+        options = {name: getattr(self, name) for name in _SPEC_OPTIONS}
+        names = validate_loss_options(self.loss_types, self.loss_weights, **options)
         object.__setattr__(self, "loss_types", tuple(names))
         weights = (
             (1.0,) * len(names) if self.loss_weights is None else tuple(float(w) for w in self.loss_weights)
@@ -615,18 +605,9 @@ class LossSpec:
 
     @classmethod
     def from_config(cls, args) -> LossSpec:
-        return cls(
-            loss_types=tuple(_names(args.loss_type)),
-            loss_weights=None if args.loss_weights is None else tuple(args.loss_weights),
-            beta=args.beta,
-            label_smoothing=args.label_smoothing,
-            reference_free=args.reference_free,
-            f_divergence_type=args.f_divergence_type,
-            f_alpha_divergence_coef=args.f_alpha_divergence_coef,
-            use_weighting=args.use_weighting,
-            discopop_tau=args.discopop_tau,
-            simpo_gamma=args.simpo_gamma,
-        )
+        weights = None if args.loss_weights is None else tuple(args.loss_weights)
+        options = {name: getattr(args, name) for name in _SPEC_OPTIONS}
+        return cls(loss_types=tuple(_names(args.loss_type)), loss_weights=weights, **options)
 
     @property
     def needs_reference(self) -> bool:
@@ -639,6 +620,10 @@ class LossSpec:
 
 
 LossOutput = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+
+# The options a LossSpec carries besides its losses and weights; DPOConfig has fields of the same names.
+_SPEC_OPTIONS = [f.name for f in fields(LossSpec) if f.init][2:]
 
 
 def _single_loss(
