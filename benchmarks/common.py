@@ -283,6 +283,47 @@ def _set_threads(n: int) -> None:
         torch.set_num_interop_threads(1)
 
 
+def plain_lm_batch(collator, features, lean: bool) -> dict:
+    """The [chosen; rejected] rows of `collator` as a causal-LM batch: labels on completion tokens only
+    (`completion_mask` kept for the lean trainer)."""
+    batch = collator(features)
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
+    if lean:
+        out["completion_mask"] = batch["completion_mask"]
+    return out
+
+
+def interleaved_setup(spec: RunSpec):
+    """The start of a worker that interleaves trainers on one model: threads, the spec's rows as a dataset,
+    the seeded model (`load_hf_model`), and a scratch output folder."""
+    from transformers import set_seed
+
+    _set_threads(spec.threads)
+    data = {**spec.data, "prompt_len": tuple(spec.data["prompt_len"])}
+    data["completion_len"] = tuple(spec.data["completion_len"])
+    dataset = _datasets_for("hf", make_rows(DataSpec(**data)))
+    set_seed(spec.seed)
+    return dataset, load_hf_model(spec), tempfile.mkdtemp(prefix="hf_dpo_bench_out_")
+
+
+def timed_step(trainer, model, batch, params, optimizer, on_cuda: bool) -> tuple[float, float]:
+    """One interleaved step: the trainer's own `training_step`, gradient clipping, the optimizer step and
+    zero_grad; returns (wall seconds, CPU seconds)."""
+    import torch
+
+    if on_cuda:
+        torch.cuda.synchronize()
+    t0, c0 = time.perf_counter(), time.process_time()
+    trainer.training_step(model, batch)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if on_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def _datasets_for(impl: str, rows: list[dict]):
     from datasets import Dataset
 
@@ -491,12 +532,7 @@ def _build_plain(spec: RunSpec, dataset, output_dir: str, lean: bool = False):
     inner = PreferenceCollator(pad_token_id=loaded.tokenizer.pad_token_id)
 
     def collate(features):
-        batch = inner(features)
-        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
-        if lean:
-            out["completion_mask"] = batch["completion_mask"]
-        return out
+        return plain_lm_batch(inner, features, lean)
 
     args = TrainingArguments(**_training_args_common(spec, output_dir), remove_unused_columns=False)
     trainer_class = _LeanLMTrainer() if lean else Trainer

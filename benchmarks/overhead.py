@@ -179,21 +179,15 @@ def interleaved_worker(spec: common.RunSpec) -> dict:
     """One process: one model, four trainers on it, their steps round-robin on the same batch each round."""
     common._set_threads(spec.threads)
     import torch
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, TrainingArguments
 
     from hf_dpo.collator import PreferenceCollator
     from hf_dpo.config import DPOConfig
     from hf_dpo.trainer import DPOTrainer
 
     on_cuda = spec.device == "cuda"
-    data = {**spec.data, "prompt_len": tuple(spec.data["prompt_len"])}
-    data["completion_len"] = tuple(spec.data["completion_len"])
-    rows = common.make_rows(common.DataSpec(**data))
-    dataset = common._datasets_for("hf", rows)
-    set_seed(spec.seed)
-    loaded = common.load_hf_model(spec)
+    dataset, loaded, out = common.interleaved_setup(spec)
     model = loaded.model
-    out = tempfile.mkdtemp(prefix="hf_dpo_bench_out_")
     common_args = common._training_args_common(spec, out)
 
     def dpo(precompute: bool):
@@ -208,14 +202,6 @@ def interleaved_worker(spec: common.RunSpec) -> dict:
 
     inner = PreferenceCollator(pad_token_id=loaded.tokenizer.pad_token_id)
 
-    def plain_collate(features, lean: bool):
-        batch = inner(features)
-        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-        out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
-        if lean:
-            out["completion_mask"] = batch["completion_mask"]
-        return out
-
     plain_args = TrainingArguments(**common_args, remove_unused_columns=False)
     trainers = {
         "plain": Trainer(model=model, args=plain_args, train_dataset=dataset),
@@ -224,8 +210,8 @@ def interleaved_worker(spec: common.RunSpec) -> dict:
         "precomputed": dpo(True),
     }
     collate = {
-        "plain": lambda f: plain_collate(f, False),
-        "plain-lean": lambda f: plain_collate(f, True),
+        "plain": lambda f: common.plain_lm_batch(inner, f, False),
+        "plain-lean": lambda f: common.plain_lm_batch(inner, f, True),
         "live": trainers["live"].data_collator,
         "precomputed": trainers["precomputed"].data_collator,
     }
@@ -245,16 +231,8 @@ def interleaved_worker(spec: common.RunSpec) -> dict:
         for name in order:
             source = trainers["precomputed"].train_dataset if name == "precomputed" else dataset
             batch = collate[name]([source[i] for i in indices])
-            if on_cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            trainers[name].training_step(model, batch)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if on_cuda:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
+            wall, _ = common.timed_step(trainers[name], model, batch, params, optimizer, on_cuda)
+            times[name].append(wall)
     shutil.rmtree(out, ignore_errors=True)
     return {"times": times, "warmup_steps": spec.warmup_steps, "tokens": tokens}
 

@@ -177,19 +177,13 @@ def interleaved_worker(spec: common.RunSpec) -> dict:
     batch each round (order swapped every round)."""
     common._set_threads(spec.threads)
     import torch
-    from transformers import set_seed
 
     from hf_dpo.config import DPOConfig
     from hf_dpo.trainer import DPOTrainer
 
     on_cuda = spec.device == "cuda"
-    data = {**spec.data, "prompt_len": tuple(spec.data["prompt_len"])}
-    data["completion_len"] = tuple(spec.data["completion_len"])
-    dataset = common._datasets_for("hf", common.make_rows(common.DataSpec(**data)))
-    set_seed(spec.seed)
-    loaded = common.load_hf_model(spec)
+    dataset, loaded, out = common.interleaved_setup(spec)
     model = loaded.model
-    out = tempfile.mkdtemp(prefix="hf_dpo_bench_out_")
     trainers = {}
     for name, share in CONFIGS.items():
         args = DPOConfig(
@@ -217,17 +211,9 @@ def interleaved_worker(spec: common.RunSpec) -> dict:
         for name in CONFIGS if r % 2 == 0 else reversed(CONFIGS):
             batch = trainers[name].data_collator(features)
             slots[name].append(int(batch["input_ids"].numel()))
-            if on_cuda:
-                torch.cuda.synchronize()
-            t0, c0 = time.perf_counter(), time.process_time()
-            trainers[name].training_step(model, batch)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if on_cuda:
-                torch.cuda.synchronize()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
+            seconds = common.timed_step(trainers[name], model, batch, params, optimizer, on_cuda)
+            wall[name].append(seconds[0])
+            cpu[name].append(seconds[1])
     shutil.rmtree(out, ignore_errors=True)
     return {"wall": wall, "cpu": cpu, "tokens": tokens, "slots": slots, "warmup_steps": spec.warmup_steps}
 

@@ -64,19 +64,13 @@ def worker(spec: common.RunSpec) -> dict:
     """One process: one model, one trainer per configuration, their steps round-robin on the same batch."""
     common._set_threads(spec.threads)
     import torch
-    from transformers import set_seed
 
     from hf_dpo.config import DPOConfig
     from hf_dpo.trainer import DPOTrainer
 
     on_cuda = spec.device == "cuda"
-    data = {**spec.data, "prompt_len": tuple(spec.data["prompt_len"])}
-    data["completion_len"] = tuple(spec.data["completion_len"])
-    dataset = common._datasets_for("hf", common.make_rows(common.DataSpec(**data)))
-    set_seed(spec.seed)
-    loaded = common.load_hf_model(spec)
+    dataset, loaded, out = common.interleaved_setup(spec)
     model = loaded.model
-    out = tempfile.mkdtemp(prefix="hf_dpo_bench_out_")
     trainers = {}
     for name, (loss_type, weights, _, _) in CONFIGS.items():
         args = DPOConfig(
@@ -101,16 +95,8 @@ def worker(spec: common.RunSpec) -> dict:
         indices = range(r * spec.batch_size, (r + 1) * spec.batch_size)
         batch = collate([dataset[i] for i in indices])
         for name in names[r % len(names) :] + names[: r % len(names)]:
-            if on_cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            trainers[name].training_step(model, dict(batch))
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if on_cuda:
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
+            wall, _ = common.timed_step(trainers[name], model, dict(batch), params, optimizer, on_cuda)
+            times[name].append(wall)
     shutil.rmtree(out, ignore_errors=True)
     return {"times": times, "warmup_steps": spec.warmup_steps}
 
