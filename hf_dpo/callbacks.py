@@ -3,11 +3,13 @@ pushes to the Hub at every save (`hub_strategy`). They use transformers' public 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -46,10 +48,9 @@ class NonFiniteGuard(TrainerCallback):
 
     def end_of_step(self, args, state, model) -> None:
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if self.fault is None and not all_finite(grads):
-            self.fault = "gradient"
-        fault, rows = self.fault, self.rows
-        self.fault, self.rows, self.last_rows = None, [], rows
+        fault = self.fault or (None if all_finite(grads) else "gradient")
+        rows = self.last_rows = self.rows
+        self.fault, self.rows = None, []
         if self.accelerator.num_processes > 1:
             flag = torch.tensor([0.0 if fault is None else 1.0], device=args.device)
             if self.accelerator.reduce(flag, reduction="sum").item() > 0:
@@ -189,3 +190,14 @@ def as_save_error(err: BaseException, output_dir: str, step: int) -> SaveError |
     else:
         advice = " No checkpoint was complete yet: fix the cause and run again."
     return SaveError(f"could not write {where}: {reason}.{removed}{advice}", last)
+
+
+@contextlib.contextmanager
+def save_faults(trainer) -> Iterator[None]:
+    """Turn a machine fault while `trainer` saves into SaveError (as_save_error, at its step then)."""
+    try:
+        yield
+    except Exception as err:
+        if (save_error := as_save_error(err, trainer.args.output_dir, trainer.state.global_step)) is None:
+            raise
+        raise save_error from err

@@ -6,14 +6,12 @@ A step runs ONE policy forward over the batch (logps.batch_logps), the reference
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import logging
 import os
 import shutil
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,13 +20,7 @@ from transformers import Trainer, TrainingArguments
 
 from . import card, curves, data, hub, modeling, reference_cache, tiny
 from .attention import can_share_prompt, use_varlen_attention
-from .callbacks import (
-    CheckpointMarker,
-    HubPushAtSave,
-    NonFiniteGuard,
-    as_save_error,
-    resolve_resume_checkpoint,
-)
+from .callbacks import CheckpointMarker, HubPushAtSave, NonFiniteGuard, resolve_resume_checkpoint, save_faults
 from .collator import PreferenceCollator
 from .config import DPOConfig, ModelArguments
 from .logps import SequenceLogps, batch_logps
@@ -186,14 +178,8 @@ class DPOTrainer(Trainer):
         """Completion log-probs of every sequence in the batch from ONE forward of `model`: (B*K,) tensors,
         with the per-token statistics (entropy, top-1, WPO's log sum p^2) unless `with_stats` is False."""
         args = self.args
-        return batch_logps(
-            model,
-            inputs,
-            reduction=args.logp_reduction,
-            chunk_size=args.logp_chunk_size,
-            with_stats=with_stats,
-            ld_alpha=args.ld_alpha,
-        )
+        options = dict(reduction=args.logp_reduction, chunk_size=args.logp_chunk_size, ld_alpha=args.ld_alpha)
+        return batch_logps(model, inputs, with_stats=with_stats, **options)
 
     def reference_logps(self, model: nn.Module, inputs: dict) -> torch.Tensor | None:
         """Reference log-probs, shape (B, K): precomputed, or from the reference policy under no_grad; None
@@ -224,20 +210,16 @@ class DPOTrainer(Trainer):
             return loss, {"policy_logps": policy.logps.detach(), "rewards": rewards}
         return loss
 
-    def _reduced_metrics(self, mode: str) -> dict[str, float]:
-        """This logging window's means, over every rank (losses.metric_means)."""
-        sums, self._metric_sums[mode] = self._metric_sums[mode], defaultdict(float)
-        if not sums:
-            return {}
-        keys = sorted(sums)
-        stacked = torch.stack([torch.as_tensor(sums[k], device=self.args.device).float() for k in keys])
-        return metric_means(dict(zip(keys, self.accelerator.reduce(stacked, reduction="sum").tolist())))
-
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
         prefix = "eval_" if mode == "eval" else ""
-        # In place, so evaluate() returns these too (and they reach eval_results.json).
-        logs.update({f"{prefix}{k}": v for k, v in self._reduced_metrics(mode).items()})
+        sums, self._metric_sums[mode] = self._metric_sums[mode], defaultdict(float)
+        if sums:  # this logging window's means, over every rank (losses.metric_means)
+            keys = sorted(sums)
+            stacked = torch.stack([torch.as_tensor(sums[k], device=self.args.device).float() for k in keys])
+            means = metric_means(dict(zip(keys, self.accelerator.reduce(stacked, reduction="sum").tolist())))
+            # In place, so evaluate() returns these too (and they reach eval_results.json).
+            logs.update({f"{prefix}{k}": v for k, v in means.items()})
         if mode == "train" and self.guard.skipped:
             logs["nonfinite_batches_skipped"] = self.guard.skipped
         super().log(logs, start_time)
@@ -259,7 +241,7 @@ class DPOTrainer(Trainer):
         """transformers' train(), resuming only from complete checkpoints; a machine fault while saving raises
         SaveError. With push_to_hub, the end publishes adapter and card (failures: `hub_push_failures`)."""
         resume = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        with self._save_faults():
+        with save_faults(self):
             output = super().train(resume_from_checkpoint=resume, trial=trial, **kwargs)
         if self.args.push_to_hub:
             try:
@@ -273,7 +255,7 @@ class DPOTrainer(Trainer):
         """Save the adapter and tokenizer (transformers), then hf_dpo's model card beside them; with
         push_to_hub and a call by the user, publish as transformers does."""
         output_dir = output_dir or self.args.output_dir
-        with self._save_faults():
+        with save_faults(self):
             super().save_model(output_dir, _internal_call=True)
             if self.args.should_save:
                 # The frozen reference copy is not part of the result (peft saves every adapter).
@@ -282,16 +264,6 @@ class DPOTrainer(Trainer):
                 self.write_model_card(output_dir)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save")
-
-    @contextlib.contextmanager
-    def _save_faults(self) -> Iterator[None]:
-        """Turn a machine fault while saving into SaveError (see as_save_error)."""
-        try:
-            yield
-        except Exception as err:
-            if (save_error := as_save_error(err, self.args.output_dir, self.state.global_step)) is None:
-                raise
-            raise save_error from err
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         """The repo is created by the first push, not here: a Hub outage must not stop a run before it starts."""
@@ -382,9 +354,10 @@ class DPOTrainer(Trainer):
         lora = getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", None))
         if lora is not None:
             targets = lora.target_modules
-            targets = targets if isinstance(targets, str) else ",".join(sorted(targets))
             settings.update(lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout)
-            settings["lora_target_modules"] = targets
+            settings["lora_target_modules"] = (
+                targets if isinstance(targets, str) else ",".join(sorted(targets))
+            )
         return settings
 
 
