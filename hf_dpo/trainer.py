@@ -67,7 +67,7 @@ class DPOTrainer(Trainer):
         # The Hub token stays in memory only: never in training_args.bin or anything else written to disk.
         self._hub_token, args.hub_token = args.hub_token, None
         # Every push goes through push_to_hub / HubPushAtSave (transformers' own would add training_args.bin).
-        self._hub_strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
+        hub_strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
         args.hub_strategy = "end"
         if not torch.accelerator.is_available():
             args.dataloader_pin_memory = False  # nothing to pin to on CPU (and no warning at every epoch)
@@ -131,7 +131,7 @@ class DPOTrainer(Trainer):
             )
         self.datasets_used = _dataset_names(train_dataset)
         self.guard = NonFiniteGuard(self.accelerator, self._describe_rows)
-        hub_push = HubPushAtSave(self._publish, self._hub_strategy if args.push_to_hub else "end")
+        hub_push = HubPushAtSave(self._publish, hub_strategy if args.push_to_hub else "end")
         self.hub_push_failures = hub_push.failures  # the pushes at each save, then the one at the end
         for callback in (self.guard, CheckpointMarker(), hub_push):
             self.add_callback(callback)
@@ -206,9 +206,8 @@ class DPOTrainer(Trainer):
             sums = self._metric_sums[mode]
             for key, value in metric_sums(policy, rewards, response_mask, loss_metrics).items():
                 sums[key] = sums[key] + value
-        if return_outputs:
-            return loss, {"policy_logps": policy.logps.detach(), "rewards": rewards}
-        return loss
+        outputs = {"policy_logps": policy.logps.detach(), "rewards": rewards}
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval"
@@ -281,9 +280,7 @@ class DPOTrainer(Trainer):
         keyword arguments (license, model_name, dataset / dataset_name) feed into it."""
         if self.is_world_process_zero():
             datasets = [dataset_name or dataset] if (dataset_name or dataset) else None
-            self.write_model_card(
-                self.args.output_dir, license=license, model_name=model_name, datasets=datasets
-            )
+            self.write_model_card(self.args.output_dir, license, model_name, datasets)
 
     def push_to_hub(
         self,
