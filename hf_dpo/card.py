@@ -58,13 +58,10 @@ def render_card(output_dir: str | os.PathLike, inputs: Mapping[str, Any], *, tem
     card = ModelCard.from_template(card_data, template_str=source, **variables)
     card = str(card) if card.data.to_dict() else card.text  # a template without metadata gets none
     card = card if card.endswith("\n") else card + "\n"
-    if HF_TOKEN_PATTERN.search(card):
-        raise ValueError(f"The model card rendered from {path} contains a Hugging Face token; refusing it.")
     absolute = str(output_dir.resolve())
-    if len(absolute) > 1 and absolute in card:
-        raise ValueError(
-            f"The model card rendered from {path} contains the local path {absolute}; refusing it."
-        )
+    if HF_TOKEN_PATTERN.search(card) or (len(absolute) > 1 and absolute in card):
+        leak = "a Hugging Face token" if HF_TOKEN_PATTERN.search(card) else f"the local path {absolute}"
+        raise ValueError(f"The model card rendered from {path} contains {leak}; refusing it.")
     return card
 
 
@@ -107,10 +104,8 @@ def card_variables(output_dir: Path, inputs: Mapping[str, Any]):
 
     base = str(inputs.get("base_model") or "")
     base_on_hub = is_hub_id(base)
-    datasets = [
-        {"name": d if is_hub_id(d) else local_name(d), "on_hub": is_hub_id(d)}
-        for d in map(str, inputs.get("datasets") or [])
-    ]
+    sources = [str(d) for d in inputs.get("datasets") or []]
+    datasets = [{"name": d if is_hub_id(d) else local_name(d), "on_hub": is_hub_id(d)} for d in sources]
     training, results = _public(inputs.get("training") or {}), _public(inputs.get("results") or {})
     qlora = any(m in str(training.get("quantization", "")).lower() for m in ("4-bit", "4bit", "nf4", "fp4"))
     tags = ["base_model:adapter:" + base] * base_on_hub + ["dpo", "hf_dpo", "lora", "peft"]
@@ -171,13 +166,11 @@ def is_hub_id(name: str) -> bool:
 
     from hf_dpo.tiny import TINY_MODEL_NAME
 
-    if name == TINY_MODEL_NAME or is_local_path(name) or Path(name).suffix.lower() in _DATA_SUFFIXES:
-        return False
     try:
         validate_repo_id(name)
     except HFValidationError:
         return False
-    return True
+    return not (name == TINY_MODEL_NAME or is_local_path(name) or Path(name).suffix.lower() in _DATA_SUFFIXES)
 
 
 def local_name(name: str) -> str:
