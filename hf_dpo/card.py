@@ -26,7 +26,6 @@ HF_TOKEN_PATTERN = re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}")
 # Setting names that hold secrets (hub_token, api_key...), but not tokenizer_name_or_path or max_tokens.
 _SECRET_KEY = re.compile(r"(?:^|_)(?:token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
 _DATA_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow"}
-_FRAMEWORKS = ("transformers", "peft", "torch", "bitsandbytes", "datasets", "huggingface_hub")
 # Results are listed in this order first, then any other metric alphabetically.
 _RESULT_ORDER = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 _RESULT_ORDER += ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
@@ -147,7 +146,7 @@ def framework_versions() -> dict[str, str]:
     from hf_dpo import __version__
 
     versions = {"hf_dpo": __version__}
-    for name in _FRAMEWORKS:
+    for name in ("transformers", "peft", "torch", "bitsandbytes", "datasets", "huggingface_hub"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
