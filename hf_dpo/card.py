@@ -26,7 +26,6 @@ HF_TOKEN_PATTERN = re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}")
 # Setting names that hold secrets (hub_token, api_key...), but not tokenizer_name_or_path or max_tokens.
 _SECRET_KEY = re.compile(r"(?:^|_)(?:token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
 _DATA_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow"}
-_FRAMEWORKS = ("transformers", "peft", "torch", "bitsandbytes", "datasets", "huggingface_hub")
 # Results are listed in this order first, then any other metric alphabetically.
 _RESULT_ORDER = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 _RESULT_ORDER += ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
@@ -58,13 +57,10 @@ def render_card(output_dir: str | os.PathLike, inputs: Mapping[str, Any], *, tem
     card = ModelCard.from_template(card_data, template_str=source, **variables)
     card = str(card) if card.data.to_dict() else card.text  # a template without metadata gets none
     card = card if card.endswith("\n") else card + "\n"
-    if HF_TOKEN_PATTERN.search(card):
-        raise ValueError(f"The model card rendered from {path} contains a Hugging Face token; refusing it.")
     absolute = str(output_dir.resolve())
-    if len(absolute) > 1 and absolute in card:
-        raise ValueError(
-            f"The model card rendered from {path} contains the local path {absolute}; refusing it."
-        )
+    if HF_TOKEN_PATTERN.search(card) or (len(absolute) > 1 and absolute in card):
+        leak = "a Hugging Face token" if HF_TOKEN_PATTERN.search(card) else f"the local path {absolute}"
+        raise ValueError(f"The model card rendered from {path} contains {leak}; refusing it.")
     return card
 
 
@@ -107,10 +103,8 @@ def card_variables(output_dir: Path, inputs: Mapping[str, Any]):
 
     base = str(inputs.get("base_model") or "")
     base_on_hub = is_hub_id(base)
-    datasets = [
-        {"name": d if is_hub_id(d) else local_name(d), "on_hub": is_hub_id(d)}
-        for d in map(str, inputs.get("datasets") or [])
-    ]
+    sources = [str(d) for d in inputs.get("datasets") or []]
+    datasets = [{"name": d if is_hub_id(d) else local_name(d), "on_hub": is_hub_id(d)} for d in sources]
     training, results = _public(inputs.get("training") or {}), _public(inputs.get("results") or {})
     qlora = any(m in str(training.get("quantization", "")).lower() for m in ("4-bit", "4bit", "nf4", "fp4"))
     tags = ["base_model:adapter:" + base] * base_on_hub + ["dpo", "hf_dpo", "lora", "peft"]
@@ -152,7 +146,7 @@ def framework_versions() -> dict[str, str]:
     from hf_dpo import __version__
 
     versions = {"hf_dpo": __version__}
-    for name in _FRAMEWORKS:
+    for name in ("transformers", "peft", "torch", "bitsandbytes", "datasets", "huggingface_hub"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -171,13 +165,11 @@ def is_hub_id(name: str) -> bool:
 
     from hf_dpo.tiny import TINY_MODEL_NAME
 
-    if name == TINY_MODEL_NAME or is_local_path(name) or Path(name).suffix.lower() in _DATA_SUFFIXES:
-        return False
     try:
         validate_repo_id(name)
     except HFValidationError:
         return False
-    return True
+    return not (name == TINY_MODEL_NAME or is_local_path(name) or Path(name).suffix.lower() in _DATA_SUFFIXES)
 
 
 def local_name(name: str) -> str:

@@ -8,11 +8,8 @@ from pathlib import Path
 
 CURVES_FILE = "training_curves.png"
 # One panel per metric that was logged: (key in transformers' log history, panel title); eval_<key> too.
-CURVE_METRICS = (
-    ("loss", "DPO loss"),
-    ("rewards/accuracies", "Reward accuracy"),
-    ("rewards/margins", "Reward margin (chosen - rejected)"),
-)
+CURVE_METRICS = (("loss", "DPO loss"), ("rewards/accuracies", "Reward accuracy"))
+CURVE_METRICS += (("rewards/margins", "Reward margin (chosen - rejected)"),)
 
 
 def training_curves_figure(log_history: list[dict]):

@@ -65,7 +65,7 @@ def push_folder(
 
     check_repo_id(repo_id)
     folder_in_repo = (path_in_repo or "").rstrip("/") or None  # None: the repo root
-    if folder_in_repo and (folder_in_repo[0] == "/" or {"", ".", ".."} & set(folder_in_repo.split("/"))):
+    if folder_in_repo and {"", ".", ".."} & set(folder_in_repo.split("/")):  # also a leading "/"
         raise PushRefusedError(
             f"Invalid path_in_repo {path_in_repo!r}: expected a folder like 'checkpoint-1'."
         )
@@ -92,10 +92,8 @@ def push_folder(
             err.retry_command = retry
             raise
         except Exception as err:
-            push_error = _push_error(err, output_dir, repo_id, api.endpoint, retry)
-            if push_error is None:
-                raise  # not the Hub's nor the network's doing: a bug, with its own traceback
-            raise push_error from err
+            _raise_push_error(err, output_dir, repo_id, api.endpoint, retry)
+            raise  # not the Hub's nor the network's doing: a bug, with its own traceback
     return str(commit.commit_url)
 
 
@@ -176,19 +174,15 @@ def _refuse_secrets(folder: Path, token: str | None, commit_message: str) -> Non
         tokens = {token, get_token()}
     except Exception:  # an OIDC token exchange that fails: then only the given token can leak
         tokens = {token}
-    needles = [t.encode() for t in tokens if t and len(t) >= 8]  # shorter would match binaries by chance
-    token_like = re.compile(HF_TOKEN_PATTERN.pattern.encode())
-
-    def holds_token(data) -> bool:  # bytes or mmap
-        return any(data.find(needle) >= 0 for needle in needles) or token_like.search(data) is not None
-
-    if holds_token(commit_message.encode()):
+    needles = [re.escape(t.encode()) for t in tokens if t and len(t) >= 8]  # shorter would match by chance
+    secret = re.compile(b"|".join([*needles, HF_TOKEN_PATTERN.pattern.encode()]))  # a token or token-shaped
+    if secret.search(commit_message.encode()):
         raise PushRefusedError("Refusing to push: the commit message contains a Hugging Face token.")
     for path in sorted(folder.iterdir()):
         if path.stat().st_size == 0:  # mmap refuses empty files
             continue
         with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            if holds_token(data):
+            if secret.search(data):
                 raise PushRefusedError(
                     f"Refusing to push: {path.name} contains a Hugging Face token. Nothing was uploaded. Remove "
                     "it (and revoke the token at https://huggingface.co/settings/tokens if it was shared), then "
@@ -196,8 +190,8 @@ def _refuse_secrets(folder: Path, token: str | None, commit_message: str) -> Non
                 )
 
 
-def _push_error(err: BaseException, output_dir: Path, repo_id: str, endpoint: str, retry: str):
-    """A HubPushError for a Hub or network failure anywhere in `err`'s chain; None for anything else."""
+def _raise_push_error(err: BaseException, output_dir: Path, repo_id: str, endpoint: str, retry: str) -> None:
+    """Raise a HubPushError for a Hub or network failure anywhere in `err`'s chain; return for anything else."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     try:
@@ -205,20 +199,19 @@ def _push_error(err: BaseException, output_dir: Path, repo_id: str, endpoint: st
     except ImportError:  # huggingface_hub 1
         import httpx
 
-    chain = []  # err, its cause, the cause's cause... (an LFS upload error arrives wrapped in a RuntimeError)
-    while err is not None and err not in chain:
-        chain.append(err)
-        err = err.__cause__ or err.__context__
+    chain, cause = [], err  # err, its causes... (an LFS upload error arrives wrapped in a RuntimeError)
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
     http = next((e for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None), None)
     network = next((e for e in chain if isinstance(e, (httpx.TransportError, ConnectionError))), None)
     status = http.response.status_code if http is not None else None
     if http is not None:
-        request = http.response.request
-        url = request.url.copy_with(query=None)  # no query: upload signatures live there
+        url = http.response.request.url.copy_with(query=None)  # no query: upload signatures live there
         said = f"\nThe Hub said: {http.server_message.strip()}" if http.server_message else ""
         namespace = repo_id.split("/")[0] if "/" in repo_id else "your account"
         hint = _HINTS.get(min(status, 500), "The Hub refused the request.").format(namespace=namespace)
-        message = f"HTTP {status} from {request.method} {url}.{said}\n{hint}"
+        message = f"HTTP {status} from {http.response.request.method} {url}.{said}\n{hint}"
     elif any(isinstance(e, OfflineModeIsEnabled) for e in chain):
         message = "huggingface_hub is in offline mode; unset HF_HUB_OFFLINE to push."
     elif isinstance(network, httpx.TimeoutException):
@@ -227,6 +220,6 @@ def _push_error(err: BaseException, output_dir: Path, repo_id: str, endpoint: st
         message = f"could not reach {endpoint} ({type(network).__name__}: {network}). Check the network, any "
         message += "proxy (HTTPS_PROXY) and HF_ENDPOINT."
     else:
-        return None
-    footer = f"\nThe run's files are untouched in {output_dir}. Once fixed, retry with:\n    {retry}"
-    return HubPushError(f"Push to the Hub failed: {message}{footer}", retry_command=retry, status_code=status)
+        return
+    message += f"\nThe run's files are untouched in {output_dir}. Once fixed, retry with:\n    {retry}"
+    raise HubPushError(f"Push to the Hub failed: {message}", retry_command=retry, status_code=status) from err
