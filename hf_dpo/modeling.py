@@ -38,11 +38,9 @@ class LoadedModel:
 
 def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
     name = _DTYPES.get(name, name)
-    if name in (None, "auto"):
-        return default
-    if name not in ("bfloat16", "float16", "float32"):
+    if name not in (None, "auto", "bfloat16", "float16", "float32"):
         raise ValueError(f"unknown dtype {name!r}; choose one of auto, bfloat16, float16, float32")
-    return getattr(torch, name)
+    return default if name in (None, "auto") else getattr(torch, name)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str = "main"):
@@ -80,7 +78,6 @@ def load_model(
             # Stored in the compute dtype so FSDP can shard the 4-bit weights like any other tensor.
             bnb_4bit_quant_storage=compute_dtype if on_gpu else torch.uint8,
         )
-    kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(model_args.model_name_or_path),
         revision=model_args.model_revision,
@@ -89,23 +86,22 @@ def load_model(
         # ZeRO-3 partitions the weights itself: a device_map would place whole copies on every rank.
         device_map=None if is_deepspeed_zero3_enabled() else {"": device},
         trust_remote_code=model_args.trust_remote_code,
-        **kwargs,
+        attn_implementation=model_args.attn_implementation,  # None: the model's default
     )
     model.config.use_cache = False
-    if model_args.adapter_name_or_path:
-        if peft_config is not None:
-            raise ValueError("give adapter_name_or_path (an adapter to continue) or peft_config, not both")
-        with _ready_for_peft(model, gradient_checkpointing, gradient_checkpointing_kwargs):
-            model = peft.PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
-    else:
-        peft_config = peft_config or peft.LoraConfig(
+    adapter_path = model_args.adapter_name_or_path
+    if adapter_path and peft_config is not None:
+        raise ValueError("give adapter_name_or_path (an adapter to continue) or peft_config, not both")
+    if not adapter_path and peft_config is None:
+        peft_config = peft.LoraConfig(
             r=model_args.lora_r,
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             target_modules=model_args.lora_target_modules or "all-linear",
             task_type="CAUSAL_LM",
         )
-        model = attach_adapter(model, peft_config, gradient_checkpointing, gradient_checkpointing_kwargs)
+    checkpointing = (gradient_checkpointing, gradient_checkpointing_kwargs)
+    model = attach_adapter(model, peft_config, *checkpointing, adapter_path=adapter_path)
     guard_cpu_4bit_repacking(model)
     tokenizer_name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_name, model_args.trust_remote_code, model_args.model_revision)
@@ -119,30 +115,27 @@ def load_model(
     return LoadedModel(model, tokenizer)
 
 
-def attach_adapter(model: nn.Module, peft_config, gradient_checkpointing=False, checkpointing_kwargs=None):
-    """`model` (a plain causal LM, quantised or not) with a new trainable LoRA adapter from `peft_config`."""
+def attach_adapter(
+    model: nn.Module, peft_config, gradient_checkpointing=False, checkpointing_kwargs=None, adapter_path=None
+):
+    """`model` (a plain causal LM, quantised or not; k-bit prepared here) with a trainable LoRA adapter: a new one
+    from `peft_config`, or the one saved at `adapter_path` to train further."""
     if isinstance(model, peft.PeftModel):
         raise ValueError(
             "the model is already a PeftModel, so peft_config would be ignored: pass the base model with "
             "peft_config, or the PeftModel without it"
         )
-    with _ready_for_peft(model, gradient_checkpointing, checkpointing_kwargs):
-        return peft.get_peft_model(model, peft_config)
-
-
-@contextlib.contextmanager
-def _ready_for_peft(model: nn.Module, gradient_checkpointing: bool, kwargs: dict | None) -> Iterator[None]:
-    """Prepare `model` for peft (k-bit preparation of a quantised base, else checkpointing alone); around the
-    wrapping, silence the FutureWarning peft (0.21) raises on every run reading `is_gradient_checkpointing`."""
-    kwargs = kwargs or {"use_reentrant": False}
+    kwargs = checkpointing_kwargs or {"use_reentrant": False}
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         peft.prepare_model_for_kbit_training(model, gradient_checkpointing, kwargs)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(kwargs)
         model.enable_input_require_grads()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # peft (0.21) reads `is_gradient_checkpointing`, deprecated, on every run
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        yield
+        if adapter_path:
+            return peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+        return peft.get_peft_model(model, peft_config)
 
 
 def prepare_model(model: nn.Module, args, *, is_reference: bool = False) -> nn.Module:
@@ -160,8 +153,7 @@ def prepare_model(model: nn.Module, args, *, is_reference: bool = False) -> nn.M
 
 
 def describe_quantization(model: nn.Module) -> str:
-    base = unwrap(model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    base = unwrap(model)  # a PeftModel passes .config and .dtype through from its base model
     config = getattr(base.config, "quantization_config", None)
     if getattr(config, "load_in_8bit", False):
         return "8-bit (bitsandbytes LLM.int8)"
@@ -172,22 +164,21 @@ def describe_quantization(model: nn.Module) -> str:
     return f"4-bit {config.bnb_4bit_quant_type}{nested} (compute {compute})"
 
 
-def guard_cpu_4bit_repacking(model: nn.Module) -> int:
+def guard_cpu_4bit_repacking(model: nn.Module) -> None:
     """Stop bitsandbytes repacking 4-bit weights for CPU inference, and undo repacking already done: on CPUs with
     AVX512-BF16 an eval-mode no_grad pass packs a Linear4bit's weight, after which LoRA gradients through it are
-    silently wrong, so evaluation and reference passes would change training. Returns the layers touched."""
+    silently wrong, so evaluation and reference passes would change training."""
     from bitsandbytes.nn import Linear4bit
 
-    layers = [module for module in model.modules() if isinstance(module, Linear4bit)]
-    for module in layers:
-        module.support_avx512bf16_for_cpu = False
-        weight = module.weight
-        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            weight = module.weight
+            if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
 
-            weight.data, weight.quant_state = unpack(weight.data, weight.quant_state)
-            module.quant_state = weight.quant_state
-    return len(layers)
+                weight.data, weight.quant_state = unpack(weight.data, weight.quant_state)
+                module.quant_state = weight.quant_state
 
 
 def disable_dropout(model: nn.Module, keep_trained_lora: bool = False) -> None:
@@ -246,7 +237,7 @@ def choose_reference(model: nn.Module, args, ref_model: nn.Module | None = None)
                 f"ref_adapter_name={name!r} is not an adapter of the model (it has "
                 f"{sorted(adapters) or 'none'}); load it first with model.load_adapter(path, adapter_name=...)"
             )
-        _freeze_adapter(peft_model, name)
+        peft_model.set_requires_grad(name, requires_grad=False)
         return Reference("adapter", f"adapter {name!r} (ref_adapter_name)", name)
     if not adapters:
         if args.precompute_ref_log_probs:
@@ -264,19 +255,13 @@ def choose_reference(model: nn.Module, args, ref_model: nn.Module | None = None)
     peft_model.add_adapter(REFERENCE_ADAPTER, config)
     weights = peft.get_peft_model_state_dict(peft_model, adapter_name=active)
     peft.set_peft_model_state_dict(peft_model, weights, adapter_name=REFERENCE_ADAPTER)
-    _freeze_adapter(peft_model, REFERENCE_ADAPTER)
+    peft_model.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)
     logger.info(
         "the model's adapter %r is already trained: a frozen copy of it is the reference policy, so the run "
         "starts at loss ln 2 (pass ref_model=... or ref_adapter_name=... to choose another)",
         active,
     )
     return Reference("adapter", "a frozen copy of the loaded adapter", REFERENCE_ADAPTER)
-
-
-def _freeze_adapter(peft_model: nn.Module, adapter: str) -> None:
-    for name, param in peft_model.named_parameters():
-        if f".{adapter}." in name:
-            param.requires_grad_(False)
 
 
 @contextlib.contextmanager
