@@ -139,16 +139,25 @@ def attach_adapter(
 
 
 def prepare_model(model: nn.Module, args, *, is_reference: bool = False) -> nn.Module:
-    """Make a model ready for DPO: once per model, dropout off (`disable_dropout`) but in the trained LoRA adapter
-    and the 4-bit repacking guard; per trainer, per-sequence attention for padding-free batches."""
+    """Make a model ready for DPO: per trainer, per-sequence attention for padding-free batches; once per model,
+    the 4-bit repacking guard and (`disable_dropout`) every dropout zeroed so policy and reference passes agree,
+    but the trained adapter's `lora_dropout` (the reference never runs that adapter)."""
     if args.padding_free:
         # sdpa/eager would attend across the whole packed row (N^2); attend within each sequence instead.
         use_varlen_attention(model)
-    if model not in _PREPARED:
-        if args.disable_dropout:
-            disable_dropout(model, keep_trained_lora=not is_reference)
-        guard_cpu_4bit_repacking(model)
-        _PREPARED.add(model)
+    if model in _PREPARED:
+        return model
+    if args.disable_dropout:
+        active = None if is_reference else getattr(unwrap(model), "active_adapter", None)
+        lora_dropouts = [getattr(module, "lora_dropout", None) for module in model.modules()]
+        trained = {d[active] for d in lora_dropouts if isinstance(d, nn.ModuleDict) and active in d}
+        for module in model.modules():
+            if isinstance(module, nn.Dropout) and module not in trained:
+                module.p = 0.0
+            if isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = 0.0
+    guard_cpu_4bit_repacking(model)
+    _PREPARED.add(model)
     return model
 
 
@@ -181,19 +190,6 @@ def guard_cpu_4bit_repacking(model: nn.Module) -> None:
                 module.quant_state = weight.quant_state
 
 
-def disable_dropout(model: nn.Module, keep_trained_lora: bool = False) -> None:
-    """Zero every dropout (modules and attention-probability dropout), so policy and reference passes agree;
-    with `keep_trained_lora`, but for the trained adapter's `lora_dropout` (the reference never runs it)."""
-    active = getattr(unwrap(model), "active_adapter", None) if keep_trained_lora else None
-    lora_dropouts = [getattr(module, "lora_dropout", None) for module in model.modules()]
-    trained = {d[active] for d in lora_dropouts if isinstance(d, nn.ModuleDict) and active in d}
-    for module in model.modules():
-        if isinstance(module, nn.Dropout) and module not in trained:
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP/FSDP/DeepSpeed wrappers (anything with a `.module`)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
@@ -203,28 +199,22 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class Reference:
-    """Where reference log-probs come from: `adapter` (a frozen adapter of the same model), `disabled`
-    (the same model with its adapters off), `model` (a separate model), or `none` (reference-free)."""
-
-    kind: str
+    kind: str  # where reference log-probs come from: adapter, disabled (adapters off), model or none
     description: str
-    adapter: str | None = None
-    model: nn.Module | None = None
+    adapter: str | None = None  # for "adapter": the name of a frozen adapter of the same model
+    model: nn.Module | None = None  # for "model": a separate model (or the model itself, precomputed)
 
 
 def is_fresh_adapter(peft_model: nn.Module) -> bool:
-    """True if the active LoRA adapter adds nothing yet (every B matrix is zero, as after peft's default init),
-    so the model with its adapter disabled is exactly the model as it stands."""
+    """True if the active LoRA adapter adds nothing yet (its B matrices are zero), so disabling it is a no-op."""
     active, kinds = peft_model.active_adapter, ("lora_B", "lora_embedding_B")
     lora_b = [p for n, p in peft_model.named_parameters() if any(k in n for k in kinds) and f".{active}" in n]
     return bool(lora_b) and not any(p.detach().ne(0).any() for p in lora_b)
 
 
 def choose_reference(model: nn.Module, args, ref_model: nn.Module | None = None) -> Reference:
-    """The reference policy for `model`, as a TRL user expects it: none if `reference_free`; `ref_model`; the
-    adapter `ref_adapter_name`, frozen; for a fresh (or untrainable) LoRA adapter, the model with adapters off;
-    for a trained adapter trained further (e.g. SFT), a frozen copy of it added to the model; for a model without
-    adapter, a frozen copy (full fine-tuning), or the model itself before training if log-probs are precomputed."""
+    """The reference policy for `model`, as a TRL user expects it: the first rule below that applies (so a fresh
+    LoRA adapter's is the model with adapters off; a trained one's, e.g. after SFT, a frozen copy of it)."""
     if args.reference_free:
         return Reference("none", "none (reference-free)")
     if ref_model is not None:
@@ -245,22 +235,21 @@ def choose_reference(model: nn.Module, args, ref_model: nn.Module | None = None)
         logger.info("no LoRA adapter and no ref_model: a frozen copy of the model is the reference policy")
         frozen = copy.deepcopy(model).requires_grad_(False)
         return Reference("model", "a frozen copy of the model", model=frozen)
-    if REFERENCE_ADAPTER in adapters:
-        return Reference("adapter", "a frozen copy of the loaded adapter", REFERENCE_ADAPTER)
-    if not any(p.requires_grad for p in peft_model.parameters()) or is_fresh_adapter(peft_model):
-        return Reference("disabled", "the base model with the LoRA adapter disabled")
-    active = peft_model.active_adapter
-    config = copy.deepcopy(adapters[active])
-    config.lora_dropout = 0.0  # the reference pass must be deterministic
-    peft_model.add_adapter(REFERENCE_ADAPTER, config)
-    weights = peft.get_peft_model_state_dict(peft_model, adapter_name=active)
-    peft.set_peft_model_state_dict(peft_model, weights, adapter_name=REFERENCE_ADAPTER)
-    peft_model.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)
-    logger.info(
-        "the model's adapter %r is already trained: a frozen copy of it is the reference policy, so the run "
-        "starts at loss ln 2 (pass ref_model=... or ref_adapter_name=... to choose another)",
-        active,
-    )
+    if REFERENCE_ADAPTER not in adapters:  # else an earlier trainer already added the frozen copy
+        if not any(p.requires_grad for p in peft_model.parameters()) or is_fresh_adapter(peft_model):
+            return Reference("disabled", "the base model with the LoRA adapter disabled")
+        active = peft_model.active_adapter
+        config = copy.deepcopy(adapters[active])
+        config.lora_dropout = 0.0  # the reference pass must be deterministic
+        peft_model.add_adapter(REFERENCE_ADAPTER, config)
+        weights = peft.get_peft_model_state_dict(peft_model, adapter_name=active)
+        peft.set_peft_model_state_dict(peft_model, weights, adapter_name=REFERENCE_ADAPTER)
+        peft_model.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)
+        logger.info(
+            "the model's adapter %r is already trained: a frozen copy of it is the reference policy, so the "
+            "run starts at loss ln 2 (pass ref_model=... or ref_adapter_name=... to choose another)",
+            active,
+        )
     return Reference("adapter", "a frozen copy of the loaded adapter", REFERENCE_ADAPTER)
 
 
