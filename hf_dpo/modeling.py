@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 REFERENCE_ADAPTER = "reference"  # the frozen copy of a trained adapter that the trainer adds
 
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # short names people type
 _PREPARED: weakref.WeakSet = weakref.WeakSet()  # models prepare_model has already seen
 
 
@@ -37,7 +36,7 @@ class LoadedModel:
 
 
 def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
-    name = _DTYPES.get(name, name)
+    name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(name, name)  # short names too
     if name not in (None, "auto", "bfloat16", "float16", "float32"):
         raise ValueError(f"unknown dtype {name!r}; choose one of auto, bfloat16, float16, float32")
     return default if name in (None, "auto") else getattr(torch, name)

@@ -42,12 +42,11 @@ def _adapter_digest(model: torch.nn.Module, adapter: str) -> str:
 
 def reference_cache_key(trainer, dataset) -> str:
     reference = trainer.reference
-    # A PeftModel passes its base model's .config through, so the signature is of the base model's files.
     model = unwrap(reference.model if reference.kind == "model" else trainer.model)
     parts = {
         "version": 1,  # of this key and the stored format: a change makes every cached entry stale
         "data": dataset._fingerprint,
-        "model": _weights_signature(model),
+        "model": _weights_signature(model),  # a PeftModel passes its base model's .config through
         "reference": reference.kind,
         # A reference adapter's (or a full reference model's trainable) weights are not in the base files.
         "reference_weights": _adapter_digest(model, reference.adapter) if reference.adapter else None,
