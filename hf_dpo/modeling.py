@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 REFERENCE_ADAPTER = "reference"  # the frozen copy of a trained adapter that the trainer adds
 
-_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # short names people type
 _PREPARED: weakref.WeakSet = weakref.WeakSet()  # models prepare_model has already seen
 
 
@@ -37,12 +36,10 @@ class LoadedModel:
 
 
 def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:
-    name = _DTYPES.get(name, name)
-    if name in (None, "auto"):
-        return default
-    if name not in ("bfloat16", "float16", "float32"):
+    name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(name, name)  # short names too
+    if name not in (None, "auto", "bfloat16", "float16", "float32"):
         raise ValueError(f"unknown dtype {name!r}; choose one of auto, bfloat16, float16, float32")
-    return getattr(torch, name)
+    return default if name in (None, "auto") else getattr(torch, name)
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision: str = "main"):
@@ -80,7 +77,6 @@ def load_model(
             # Stored in the compute dtype so FSDP can shard the 4-bit weights like any other tensor.
             bnb_4bit_quant_storage=compute_dtype if on_gpu else torch.uint8,
         )
-    kwargs = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(model_args.model_name_or_path),
         revision=model_args.model_revision,
@@ -89,23 +85,22 @@ def load_model(
         # ZeRO-3 partitions the weights itself: a device_map would place whole copies on every rank.
         device_map=None if is_deepspeed_zero3_enabled() else {"": device},
         trust_remote_code=model_args.trust_remote_code,
-        **kwargs,
+        attn_implementation=model_args.attn_implementation,  # None: the model's default
     )
     model.config.use_cache = False
-    if model_args.adapter_name_or_path:
-        if peft_config is not None:
-            raise ValueError("give adapter_name_or_path (an adapter to continue) or peft_config, not both")
-        with _ready_for_peft(model, gradient_checkpointing, gradient_checkpointing_kwargs):
-            model = peft.PeftModel.from_pretrained(model, model_args.adapter_name_or_path, is_trainable=True)
-    else:
-        peft_config = peft_config or peft.LoraConfig(
+    adapter_path = model_args.adapter_name_or_path
+    if adapter_path and peft_config is not None:
+        raise ValueError("give adapter_name_or_path (an adapter to continue) or peft_config, not both")
+    if not adapter_path and peft_config is None:
+        peft_config = peft.LoraConfig(
             r=model_args.lora_r,
             lora_alpha=model_args.lora_alpha,
             lora_dropout=model_args.lora_dropout,
             target_modules=model_args.lora_target_modules or "all-linear",
             task_type="CAUSAL_LM",
         )
-        model = attach_adapter(model, peft_config, gradient_checkpointing, gradient_checkpointing_kwargs)
+    checkpointing = (gradient_checkpointing, gradient_checkpointing_kwargs)
+    model = attach_adapter(model, peft_config, *checkpointing, adapter_path=adapter_path)
     guard_cpu_4bit_repacking(model)
     tokenizer_name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_name, model_args.trust_remote_code, model_args.model_revision)
@@ -119,49 +114,54 @@ def load_model(
     return LoadedModel(model, tokenizer)
 
 
-def attach_adapter(model: nn.Module, peft_config, gradient_checkpointing=False, checkpointing_kwargs=None):
-    """`model` (a plain causal LM, quantised or not) with a new trainable LoRA adapter from `peft_config`."""
+def attach_adapter(
+    model: nn.Module, peft_config, gradient_checkpointing=False, checkpointing_kwargs=None, adapter_path=None
+):
+    """`model` (a plain causal LM, quantised or not; k-bit prepared here) with a trainable LoRA adapter: a new one
+    from `peft_config`, or the one saved at `adapter_path` to train further."""
     if isinstance(model, peft.PeftModel):
         raise ValueError(
             "the model is already a PeftModel, so peft_config would be ignored: pass the base model with "
             "peft_config, or the PeftModel without it"
         )
-    with _ready_for_peft(model, gradient_checkpointing, checkpointing_kwargs):
-        return peft.get_peft_model(model, peft_config)
-
-
-@contextlib.contextmanager
-def _ready_for_peft(model: nn.Module, gradient_checkpointing: bool, kwargs: dict | None) -> Iterator[None]:
-    """Prepare `model` for peft (k-bit preparation of a quantised base, else checkpointing alone); around the
-    wrapping, silence the FutureWarning peft (0.21) raises on every run reading `is_gradient_checkpointing`."""
-    kwargs = kwargs or {"use_reentrant": False}
+    kwargs = checkpointing_kwargs or {"use_reentrant": False}
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         peft.prepare_model_for_kbit_training(model, gradient_checkpointing, kwargs)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(kwargs)
         model.enable_input_require_grads()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # peft (0.21) reads `is_gradient_checkpointing`, deprecated, on every run
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-        yield
+        if adapter_path:
+            return peft.PeftModel.from_pretrained(model, adapter_path, is_trainable=True)
+        return peft.get_peft_model(model, peft_config)
 
 
 def prepare_model(model: nn.Module, args, *, is_reference: bool = False) -> nn.Module:
-    """Make a model ready for DPO: once per model, dropout off (`disable_dropout`) but in the trained LoRA adapter
-    and the 4-bit repacking guard; per trainer, per-sequence attention for padding-free batches."""
+    """Make a model ready for DPO: per trainer, per-sequence attention for padding-free batches; once per model,
+    the 4-bit repacking guard and (`disable_dropout`) every dropout zeroed so policy and reference passes agree,
+    but the trained adapter's `lora_dropout` (the reference never runs that adapter)."""
     if args.padding_free:
         # sdpa/eager would attend across the whole packed row (N^2); attend within each sequence instead.
         use_varlen_attention(model)
-    if model not in _PREPARED:
-        if args.disable_dropout:
-            disable_dropout(model, keep_trained_lora=not is_reference)
-        guard_cpu_4bit_repacking(model)
-        _PREPARED.add(model)
+    if model in _PREPARED:
+        return model
+    if args.disable_dropout:
+        active = None if is_reference else getattr(unwrap(model), "active_adapter", None)
+        lora_dropouts = [getattr(module, "lora_dropout", None) for module in model.modules()]
+        trained = {d[active] for d in lora_dropouts if isinstance(d, nn.ModuleDict) and active in d}
+        for module in model.modules():
+            if isinstance(module, nn.Dropout) and module not in trained:
+                module.p = 0.0
+            if isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = 0.0
+    guard_cpu_4bit_repacking(model)
+    _PREPARED.add(model)
     return model
 
 
 def describe_quantization(model: nn.Module) -> str:
-    base = unwrap(model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base
+    base = unwrap(model)  # a PeftModel passes .config and .dtype through from its base model
     config = getattr(base.config, "quantization_config", None)
     if getattr(config, "load_in_8bit", False):
         return "8-bit (bitsandbytes LLM.int8)"
@@ -172,35 +172,21 @@ def describe_quantization(model: nn.Module) -> str:
     return f"4-bit {config.bnb_4bit_quant_type}{nested} (compute {compute})"
 
 
-def guard_cpu_4bit_repacking(model: nn.Module) -> int:
+def guard_cpu_4bit_repacking(model: nn.Module) -> None:
     """Stop bitsandbytes repacking 4-bit weights for CPU inference, and undo repacking already done: on CPUs with
     AVX512-BF16 an eval-mode no_grad pass packs a Linear4bit's weight, after which LoRA gradients through it are
-    silently wrong, so evaluation and reference passes would change training. Returns the layers touched."""
+    silently wrong, so evaluation and reference passes would change training."""
     from bitsandbytes.nn import Linear4bit
 
-    layers = [module for module in model.modules() if isinstance(module, Linear4bit)]
-    for module in layers:
-        module.support_avx512bf16_for_cpu = False
-        weight = module.weight
-        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
-
-            weight.data, weight.quant_state = unpack(weight.data, weight.quant_state)
-            module.quant_state = weight.quant_state
-    return len(layers)
-
-
-def disable_dropout(model: nn.Module, keep_trained_lora: bool = False) -> None:
-    """Zero every dropout (modules and attention-probability dropout), so policy and reference passes agree;
-    with `keep_trained_lora`, but for the trained adapter's `lora_dropout` (the reference never runs it)."""
-    active = getattr(unwrap(model), "active_adapter", None) if keep_trained_lora else None
-    lora_dropouts = [getattr(module, "lora_dropout", None) for module in model.modules()]
-    trained = {d[active] for d in lora_dropouts if isinstance(d, nn.ModuleDict) and active in d}
     for module in model.modules():
-        if isinstance(module, nn.Dropout) and module not in trained:
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            weight = module.weight
+            if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse as unpack
+
+                weight.data, weight.quant_state = unpack(weight.data, weight.quant_state)
+                module.quant_state = weight.quant_state
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -212,28 +198,22 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class Reference:
-    """Where reference log-probs come from: `adapter` (a frozen adapter of the same model), `disabled`
-    (the same model with its adapters off), `model` (a separate model), or `none` (reference-free)."""
-
-    kind: str
+    kind: str  # where reference log-probs come from: adapter, disabled (adapters off), model or none
     description: str
-    adapter: str | None = None
-    model: nn.Module | None = None
+    adapter: str | None = None  # for "adapter": the name of a frozen adapter of the same model
+    model: nn.Module | None = None  # for "model": a separate model (or the model itself, precomputed)
 
 
 def is_fresh_adapter(peft_model: nn.Module) -> bool:
-    """True if the active LoRA adapter adds nothing yet (every B matrix is zero, as after peft's default init),
-    so the model with its adapter disabled is exactly the model as it stands."""
+    """True if the active LoRA adapter adds nothing yet (its B matrices are zero), so disabling it is a no-op."""
     active, kinds = peft_model.active_adapter, ("lora_B", "lora_embedding_B")
     lora_b = [p for n, p in peft_model.named_parameters() if any(k in n for k in kinds) and f".{active}" in n]
     return bool(lora_b) and not any(p.detach().ne(0).any() for p in lora_b)
 
 
 def choose_reference(model: nn.Module, args, ref_model: nn.Module | None = None) -> Reference:
-    """The reference policy for `model`, as a TRL user expects it: none if `reference_free`; `ref_model`; the
-    adapter `ref_adapter_name`, frozen; for a fresh (or untrainable) LoRA adapter, the model with adapters off;
-    for a trained adapter trained further (e.g. SFT), a frozen copy of it added to the model; for a model without
-    adapter, a frozen copy (full fine-tuning), or the model itself before training if log-probs are precomputed."""
+    """The reference policy for `model`, as a TRL user expects it: the first rule below that applies (so a fresh
+    LoRA adapter's is the model with adapters off; a trained one's, e.g. after SFT, a frozen copy of it)."""
     if args.reference_free:
         return Reference("none", "none (reference-free)")
     if ref_model is not None:
@@ -246,7 +226,7 @@ def choose_reference(model: nn.Module, args, ref_model: nn.Module | None = None)
                 f"ref_adapter_name={name!r} is not an adapter of the model (it has "
                 f"{sorted(adapters) or 'none'}); load it first with model.load_adapter(path, adapter_name=...)"
             )
-        _freeze_adapter(peft_model, name)
+        peft_model.set_requires_grad(name, requires_grad=False)
         return Reference("adapter", f"adapter {name!r} (ref_adapter_name)", name)
     if not adapters:
         if args.precompute_ref_log_probs:
@@ -254,29 +234,22 @@ def choose_reference(model: nn.Module, args, ref_model: nn.Module | None = None)
         logger.info("no LoRA adapter and no ref_model: a frozen copy of the model is the reference policy")
         frozen = copy.deepcopy(model).requires_grad_(False)
         return Reference("model", "a frozen copy of the model", model=frozen)
-    if REFERENCE_ADAPTER in adapters:
-        return Reference("adapter", "a frozen copy of the loaded adapter", REFERENCE_ADAPTER)
-    if not any(p.requires_grad for p in peft_model.parameters()) or is_fresh_adapter(peft_model):
-        return Reference("disabled", "the base model with the LoRA adapter disabled")
-    active = peft_model.active_adapter
-    config = copy.deepcopy(adapters[active])
-    config.lora_dropout = 0.0  # the reference pass must be deterministic
-    peft_model.add_adapter(REFERENCE_ADAPTER, config)
-    weights = peft.get_peft_model_state_dict(peft_model, adapter_name=active)
-    peft.set_peft_model_state_dict(peft_model, weights, adapter_name=REFERENCE_ADAPTER)
-    _freeze_adapter(peft_model, REFERENCE_ADAPTER)
-    logger.info(
-        "the model's adapter %r is already trained: a frozen copy of it is the reference policy, so the run "
-        "starts at loss ln 2 (pass ref_model=... or ref_adapter_name=... to choose another)",
-        active,
-    )
+    if REFERENCE_ADAPTER not in adapters:  # else an earlier trainer already added the frozen copy
+        if not any(p.requires_grad for p in peft_model.parameters()) or is_fresh_adapter(peft_model):
+            return Reference("disabled", "the base model with the LoRA adapter disabled")
+        active = peft_model.active_adapter
+        config = copy.deepcopy(adapters[active])
+        config.lora_dropout = 0.0  # the reference pass must be deterministic
+        peft_model.add_adapter(REFERENCE_ADAPTER, config)
+        weights = peft.get_peft_model_state_dict(peft_model, adapter_name=active)
+        peft.set_peft_model_state_dict(peft_model, weights, adapter_name=REFERENCE_ADAPTER)
+        peft_model.set_requires_grad(REFERENCE_ADAPTER, requires_grad=False)
+        logger.info(
+            "the model's adapter %r is already trained: a frozen copy of it is the reference policy, so the "
+            "run starts at loss ln 2 (pass ref_model=... or ref_adapter_name=... to choose another)",
+            active,
+        )
     return Reference("adapter", "a frozen copy of the loaded adapter", REFERENCE_ADAPTER)
-
-
-def _freeze_adapter(peft_model: nn.Module, adapter: str) -> None:
-    for name, param in peft_model.named_parameters():
-        if f".{adapter}." in name:
-            param.requires_grad_(False)
 
 
 @contextlib.contextmanager

@@ -21,8 +21,6 @@ from .tiny import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-
 
 def _weights_signature(model: torch.nn.Module) -> dict:
     config = getattr(model, "config", None)
@@ -45,11 +43,10 @@ def _adapter_digest(model: torch.nn.Module, adapter: str) -> str:
 def reference_cache_key(trainer, dataset) -> str:
     reference = trainer.reference
     model = unwrap(reference.model if reference.kind == "model" else trainer.model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     parts = {
-        "version": CACHE_VERSION,
+        "version": 1,  # of this key and the stored format: a change makes every cached entry stale
         "data": dataset._fingerprint,
-        "model": _weights_signature(base),
+        "model": _weights_signature(model),  # a PeftModel passes its base model's .config through
         "reference": reference.kind,
         # A reference adapter's (or a full reference model's trainable) weights are not in the base files.
         "reference_weights": _adapter_digest(model, reference.adapter) if reference.adapter else None,
