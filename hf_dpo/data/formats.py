@@ -26,7 +26,6 @@ NORMALISED_FEATURES = datasets.Features(
 # The map also writes why a row is dropped ("" if kept) and the scores of ranked rows (for pairs).
 _EXTRA = {"_drop": _TEXT, "_scores": datasets.List(datasets.Value("float64"))}
 _MAP_FEATURES = datasets.Features({**NORMALISED_FEATURES, **SOURCE_FEATURES, **_EXTRA})
-_MAP = {"batched": True, "with_indices": True, "features": _MAP_FEATURES, "desc": "Normalising"}
 FORMAT_VERSION = "1"  # part of the cache key: bump it when normalised rows change
 RANKED_MODES = ("plackett_luce", "pairs")
 DROP_IDENTICAL = "chosen identical to rejected"
@@ -64,9 +63,6 @@ class Where(namedtuple("Where", "name kind line")):
     def error(self, field: str | None, reason: str) -> PreferenceDataError:
         return PreferenceDataError(reason, self.name, self.line, field, self.kind)
 
-    def __str__(self) -> str:  # as messages name it
-        return f"{self.name}, {self.kind} {self.line}"
-
 
 def _expect(value: Any, kind: type, what: str, field: str | None, where: Where) -> Any:
     if not isinstance(value, kind):
@@ -75,7 +71,6 @@ def _expect(value: Any, kind: type, what: str, field: str | None, where: Where) 
 
 
 def _completion(text: str, prompt: str, field: str, where: Where) -> str:
-    """`text` without `prompt` if it repeats it; it must not be blank."""
     text = text.removeprefix(prompt)
     if not text.strip():
         raise where.error(field, "empty completion text")
@@ -97,7 +92,8 @@ def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
         return _ranked(value, where, fields)
     present = [k for k in ("chosen", "chose") if k in value] or ["chosen"]  # the seed wrote "chose"
     chosen_key = fields.chosen or next((k for k in present if value.get(k) is not None), present[0])
-    for key in (chosen_key, fields.rejected):
+    keys = (chosen_key, fields.rejected)
+    for key in keys:
         if key not in value:
             names = sorted(map(str, value))
             shown = ", ".join(repr(k[:40]) for k in names[:20]) + ", ..." * (len(names) > 20)
@@ -105,35 +101,33 @@ def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
             raise where.error(key, f"missing field {key!r}{alias}; the row has fields: [{shown}]")
         if value[key] is None:
             raise where.error(key, f"field {key!r} is null")
-    chosen, rejected, prompt = value[chosen_key], value[fields.rejected], value.get(fields.prompt)
-    if any(isinstance(v, list) for v in (chosen, rejected, prompt)):
-        return _conversation(prompt, [(chosen_key, chosen), (fields.rejected, rejected)], where, fields)
-    chosen = _expect(chosen, str, "a string", chosen_key, where)
-    rejected = _expect(rejected, str, "a string", fields.rejected, where)
+    texts, prompt = [value[key] for key in keys], value.get(fields.prompt)
+    if any(isinstance(v, list) for v in (*texts, prompt)):
+        return _conversation(prompt, keys, texts, where, fields)
+    texts = [_expect(text, str, "a string", key, where) for key, text in zip(keys, texts)]
     if prompt is None:  # the seed's format: the prompt is the shared start of both texts
-        if chosen == rejected:
+        if texts[0] == texts[1]:
             return DROP_IDENTICAL
         # cut back to its last whitespace, which starts the completions (as in TRL): no word is split
-        common = os.path.commonprefix([chosen, rejected])
+        common = os.path.commonprefix(texts)
         prompt = common[: max((i for i, char in enumerate(common) if char.isspace()), default=0)]
         if not prompt:
             reason = "share no prefix ending at whitespace, so there is no implicit prompt (add a 'prompt')"
-            raise where.error(chosen_key, f"{chosen_key!r} and {fields.rejected!r} {reason}")
+            raise where.error(keys[0], f"{keys[0]!r} and {keys[1]!r} {reason}")
     prompt = _expect(prompt, str, "a string", fields.prompt, where)
-    chosen = _completion(chosen, prompt, chosen_key, where)
-    rejected = _completion(rejected, prompt, fields.rejected, where)
-    return DROP_IDENTICAL if chosen == rejected else (prompt, [chosen, rejected], "", None)
+    texts = [_completion(text, prompt, key, where) for key, text in zip(keys, texts)]
+    return DROP_IDENTICAL if texts[0] == texts[1] else (prompt, texts, "", None)
 
 
-def _conversation(prompt: Any, sides: list, where: Where, fields: Fields) -> tuple | str:
-    sides = [(key, _messages(value, key, where)) for key, value in sides]
-    for key, msgs in sides:
+def _conversation(prompt: Any, keys: tuple, values: list, where: Where, fields: Fields) -> tuple | str:
+    sides = [_messages(value, key, where) for key, value in zip(keys, values)]
+    for key, msgs in zip(keys, sides):
         if not msgs:
             raise where.error(key, "empty completion: no messages")
         if msgs[-1]["role"] != "assistant":
             reason = f"the last message must be from the assistant, got role {msgs[-1]['role']!r}"
             raise where.error(f"{key}[{len(msgs) - 1}].role", reason)
-    (chosen_key, first), (_, second) = sides
+    first, second = sides
     if first == second:
         return DROP_IDENTICAL
     if prompt is None:  # the prompt is the shared leading messages; each side keeps at least one message
@@ -141,13 +135,13 @@ def _conversation(prompt: Any, sides: list, where: Where, fields: Fields) -> tup
         prompt = first[: next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))]
         if not prompt:
             reason = "share no leading prompt messages (add a 'prompt')"
-            raise where.error(chosen_key, f"{chosen_key!r} and {fields.rejected!r} {reason}")
+            raise where.error(keys[0], f"{keys[0]!r} and {keys[1]!r} {reason}")
     elif isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     elif not (prompt := _messages(prompt, fields.prompt, where)):
         raise where.error(fields.prompt, "empty prompt: no messages")
-    completions = [msgs[len(prompt) :] if msgs[: len(prompt)] == prompt else msgs for _, msgs in sides]
-    for (key, _), msgs in zip(sides, completions):
+    completions = [msgs[len(prompt) :] if msgs[: len(prompt)] == prompt else msgs for msgs in sides]
+    for key, msgs in zip(keys, completions):
         if not any(m["content"].strip() for m in msgs):
             raise where.error(key, "empty completion text")
     if completions[0] == completions[1]:
@@ -203,7 +197,8 @@ def _normalise_part(part: RawPart, fields: Fields) -> datasets.Dataset:
     if not len(dataset):  # map would return a dataset without columns
         return datasets.Dataset.from_dict({key: [] for key in _MAP_FEATURES}, _MAP_FEATURES)
     key = cache_key("normalise", FORMAT_VERSION, dataset._fingerprint, kwargs)
-    options = {**_MAP, "remove_columns": dataset.column_names, "new_fingerprint": key}
+    options = {"batched": True, "with_indices": True, "features": _MAP_FEATURES, "desc": "Normalising"}
+    options.update(remove_columns=dataset.column_names, new_fingerprint=key)
     options["batch_size"] = 1 if part.kind == "line" else 1000  # a row of "line" parts holds 1000 lines
     return dataset.map(_normalise_batch, fn_kwargs=kwargs, **options)
 
@@ -214,7 +209,8 @@ def drop_marked(dataset: datasets.Dataset, num_proc: int | None = None) -> tuple
     counts = {v["values"]: v["counts"] for v in pc.value_counts(drops).to_pylist() if v["values"]}
     for i, at in enumerate(pc.indices_nonzero(pc.not_equal(drops, ""))[:_MAX_DROP_WARNINGS].to_pylist()):
         more = " (further drops only counted)" if i == _MAX_DROP_WARNINGS - 1 else ""
-        logger.warning("%s: dropping the row: %s%s", Where.of(dataset[at]), dataset[at]["_drop"], more)
+        row = dataset[at]
+        logger.warning("%s, %s %s: dropping the row: %s%s", *Where.of(row), row["_drop"], more)
     if counts:
         kwargs = {"input_columns": "_drop", "batched": True, "num_proc": num_proc}
         kept = cache_key(dataset._fingerprint, "kept")
