@@ -80,8 +80,8 @@ def _tokenize_batch(batch: dict, tokenizer, max_length, max_prompt_length, split
         longest = max(map(len, completions), default=0)
         truncated = bool(completions) and max_length is not None and len(prompt) + longest > max_length
         if truncated:  # the length rule of tokenize_preference_dataset
-            # The prompt is cut from the left (as in TRL: a leading BOS goes with the cut); with max_prompt_length
-            # None only as far as the completions need, not below half the budget.
+            # The prompt loses its start (as in TRL: a leading BOS goes with it); with max_prompt_length None,
+            # only as far as the completions need, not below half the budget.
             keep = max_prompt_length or max(max_length - longest, min(len(prompt), max_length // 2))
             prompt = prompt[max(len(prompt) - keep, 0) :]
             completions = [c[: max(max_length - len(prompt), 0)] for c in completions]
