@@ -92,8 +92,7 @@ def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
         return _ranked(value, where, fields)
     present = [k for k in ("chosen", "chose") if k in value] or ["chosen"]  # the seed wrote "chose"
     chosen_key = fields.chosen or next((k for k in present if value.get(k) is not None), present[0])
-    keys = (chosen_key, fields.rejected)
-    for key in keys:
+    for key in (chosen_key, fields.rejected):
         if key not in value:
             names = sorted(map(str, value))
             shown = ", ".join(repr(k[:40]) for k in names[:20]) + ", ..." * (len(names) > 20)
@@ -101,33 +100,35 @@ def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
             raise where.error(key, f"missing field {key!r}{alias}; the row has fields: [{shown}]")
         if value[key] is None:
             raise where.error(key, f"field {key!r} is null")
-    texts, prompt = [value[key] for key in keys], value.get(fields.prompt)
-    if any(isinstance(v, list) for v in (*texts, prompt)):
-        return _conversation(prompt, keys, texts, where, fields)
-    texts = [_expect(text, str, "a string", key, where) for key, text in zip(keys, texts)]
+    chosen, rejected, prompt = value[chosen_key], value[fields.rejected], value.get(fields.prompt)
+    if any(isinstance(v, list) for v in (chosen, rejected, prompt)):
+        return _conversation(prompt, [(chosen_key, chosen), (fields.rejected, rejected)], where, fields)
+    chosen = _expect(chosen, str, "a string", chosen_key, where)
+    rejected = _expect(rejected, str, "a string", fields.rejected, where)
     if prompt is None:  # the seed's format: the prompt is the shared start of both texts
-        if texts[0] == texts[1]:
+        if chosen == rejected:
             return DROP_IDENTICAL
         # cut back to its last whitespace, which starts the completions (as in TRL): no word is split
-        common = os.path.commonprefix(texts)
+        common = os.path.commonprefix([chosen, rejected])
         prompt = common[: max((i for i, char in enumerate(common) if char.isspace()), default=0)]
         if not prompt:
             reason = "share no prefix ending at whitespace, so there is no implicit prompt (add a 'prompt')"
-            raise where.error(keys[0], f"{keys[0]!r} and {keys[1]!r} {reason}")
+            raise where.error(chosen_key, f"{chosen_key!r} and {fields.rejected!r} {reason}")
     prompt = _expect(prompt, str, "a string", fields.prompt, where)
-    texts = [_completion(text, prompt, key, where) for key, text in zip(keys, texts)]
-    return DROP_IDENTICAL if texts[0] == texts[1] else (prompt, texts, "", None)
+    chosen = _completion(chosen, prompt, chosen_key, where)
+    rejected = _completion(rejected, prompt, fields.rejected, where)
+    return DROP_IDENTICAL if chosen == rejected else (prompt, [chosen, rejected], "", None)
 
 
-def _conversation(prompt: Any, keys: tuple, values: list, where: Where, fields: Fields) -> tuple | str:
-    sides = [_messages(value, key, where) for key, value in zip(keys, values)]
-    for key, msgs in zip(keys, sides):
+def _conversation(prompt: Any, sides: list, where: Where, fields: Fields) -> tuple | str:
+    sides = [(key, _messages(value, key, where)) for key, value in sides]
+    for key, msgs in sides:
         if not msgs:
             raise where.error(key, "empty completion: no messages")
         if msgs[-1]["role"] != "assistant":
             reason = f"the last message must be from the assistant, got role {msgs[-1]['role']!r}"
             raise where.error(f"{key}[{len(msgs) - 1}].role", reason)
-    first, second = sides
+    (chosen_key, first), (_, second) = sides
     if first == second:
         return DROP_IDENTICAL
     if prompt is None:  # the prompt is the shared leading messages; each side keeps at least one message
@@ -135,13 +136,13 @@ def _conversation(prompt: Any, keys: tuple, values: list, where: Where, fields: 
         prompt = first[: next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))]
         if not prompt:
             reason = "share no leading prompt messages (add a 'prompt')"
-            raise where.error(keys[0], f"{keys[0]!r} and {keys[1]!r} {reason}")
+            raise where.error(chosen_key, f"{chosen_key!r} and {fields.rejected!r} {reason}")
     elif isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
     elif not (prompt := _messages(prompt, fields.prompt, where)):
         raise where.error(fields.prompt, "empty prompt: no messages")
-    completions = [msgs[len(prompt) :] if msgs[: len(prompt)] == prompt else msgs for msgs in sides]
-    for key, msgs in zip(keys, completions):
+    completions = [msgs[len(prompt) :] if msgs[: len(prompt)] == prompt else msgs for _, msgs in sides]
+    for (key, _), msgs in zip(sides, completions):
         if not any(m["content"].strip() for m in msgs):
             raise where.error(key, "empty completion text")
     if completions[0] == completions[1]:
