@@ -26,7 +26,6 @@ NORMALISED_FEATURES = datasets.Features(
 # The map also writes why a row is dropped ("" if kept) and the scores of ranked rows (for pairs).
 _EXTRA = {"_drop": _TEXT, "_scores": datasets.List(datasets.Value("float64"))}
 _MAP_FEATURES = datasets.Features({**NORMALISED_FEATURES, **SOURCE_FEATURES, **_EXTRA})
-_MAP = {"batched": True, "with_indices": True, "features": _MAP_FEATURES, "desc": "Normalising"}
 FORMAT_VERSION = "1"  # part of the cache key: bump it when normalised rows change
 RANKED_MODES = ("plackett_luce", "pairs")
 DROP_IDENTICAL = "chosen identical to rejected"
@@ -64,9 +63,6 @@ class Where(namedtuple("Where", "name kind line")):
     def error(self, field: str | None, reason: str) -> PreferenceDataError:
         return PreferenceDataError(reason, self.name, self.line, field, self.kind)
 
-    def __str__(self) -> str:  # as messages name it
-        return f"{self.name}, {self.kind} {self.line}"
-
 
 def _expect(value: Any, kind: type, what: str, field: str | None, where: Where) -> Any:
     if not isinstance(value, kind):
@@ -75,7 +71,6 @@ def _expect(value: Any, kind: type, what: str, field: str | None, where: Where) 
 
 
 def _completion(text: str, prompt: str, field: str, where: Where) -> str:
-    """`text` without `prompt` if it repeats it; it must not be blank."""
     text = text.removeprefix(prompt)
     if not text.strip():
         raise where.error(field, "empty completion text")
@@ -203,7 +198,8 @@ def _normalise_part(part: RawPart, fields: Fields) -> datasets.Dataset:
     if not len(dataset):  # map would return a dataset without columns
         return datasets.Dataset.from_dict({key: [] for key in _MAP_FEATURES}, _MAP_FEATURES)
     key = cache_key("normalise", FORMAT_VERSION, dataset._fingerprint, kwargs)
-    options = {**_MAP, "remove_columns": dataset.column_names, "new_fingerprint": key}
+    options = {"batched": True, "with_indices": True, "features": _MAP_FEATURES, "desc": "Normalising"}
+    options.update(remove_columns=dataset.column_names, new_fingerprint=key)
     options["batch_size"] = 1 if part.kind == "line" else 1000  # a row of "line" parts holds 1000 lines
     return dataset.map(_normalise_batch, fn_kwargs=kwargs, **options)
 
@@ -214,7 +210,8 @@ def drop_marked(dataset: datasets.Dataset, num_proc: int | None = None) -> tuple
     counts = {v["values"]: v["counts"] for v in pc.value_counts(drops).to_pylist() if v["values"]}
     for i, at in enumerate(pc.indices_nonzero(pc.not_equal(drops, ""))[:_MAX_DROP_WARNINGS].to_pylist()):
         more = " (further drops only counted)" if i == _MAX_DROP_WARNINGS - 1 else ""
-        logger.warning("%s: dropping the row: %s%s", Where.of(dataset[at]), dataset[at]["_drop"], more)
+        row = dataset[at]
+        logger.warning("%s, %s %s: dropping the row: %s%s", *Where.of(row), row["_drop"], more)
     if counts:
         kwargs = {"input_columns": "_drop", "batched": True, "num_proc": num_proc}
         kept = cache_key(dataset._fingerprint, "kept")

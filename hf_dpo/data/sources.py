@@ -5,7 +5,6 @@ goes through `datasets.load_dataset` / `load_from_disk`, and its rows are named 
 from __future__ import annotations
 
 import codecs
-import hashlib
 import itertools
 import json
 import os
@@ -17,6 +16,7 @@ from typing import Any
 import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
+from datasets.data_files import DataFilesDict, get_data_patterns
 
 from ..resources import bundled_file
 
@@ -48,7 +48,7 @@ RawPart = namedtuple("RawPart", "dataset name kind")
 
 def cache_key(*parts: Any) -> str:
     """A `datasets` fingerprint for a transform of ours: a hash of its input's fingerprint and settings."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return datasets.fingerprint.Hasher.hash(parts)
 
 
 def bundled_data_path() -> Path:
@@ -127,8 +127,6 @@ def _file(path: Path, cache_dir: str | None) -> RawPart:
 
 def _folder(path: Path, cache_dir: str | None) -> dict:
     """A folder of data files, split as `datasets` infers it from the file names (train.jsonl, ...)."""
-    from datasets.data_files import DataFilesDict, get_data_patterns
-
     try:
         files = DataFilesDict.from_patterns(get_data_patterns(str(path)), str(path))
     except Exception as e:  # datasets raises its own EmptyDatasetError and friends
@@ -186,8 +184,7 @@ def read_source(source: Any, split: str, test_split: str | None, dataset_config:
 
 
 def describe_rows(dataset: datasets.Dataset, source_lines) -> str:
-    """Name rows by their `source_line`s, e.g. "dpo_data.jsonl lines 3, 7" or "<train dataset> row 4"
-    (sources joined by "; "), in a normalised or tokenised dataset."""
+    """Rows of a normalised or tokenised dataset by `source_line`: "data.jsonl lines 3, 7; x.csv row 4"."""
     lines, found = sorted({int(n) for n in source_lines}), {}
     if set(SOURCE_FEATURES) <= set(dataset.column_names):
         table = dataset.select_columns(list(SOURCE_FEATURES)).with_format("arrow")[:]

@@ -54,17 +54,6 @@ def _render_conversation(messages_json: str, tokenizer, where: Where) -> tuple[s
     return texts[0], completions, not (tokenizer.bos_token and tokenizer.bos_token in texts[0])
 
 
-def _truncate(prompt: list[int], completions: list[list[int]], max_length, max_prompt_length):
-    """(prompt, completions, truncated) under the length rule of `tokenize_preference_dataset`."""
-    longest = max(map(len, completions))
-    if max_length is None or len(prompt) + longest <= max_length:
-        return prompt, completions, False
-    # max_prompt_length None: cut the prompt only as far as the completions need, not below half the budget
-    keep = max_prompt_length or max(max_length - longest, min(len(prompt), max_length // 2))
-    prompt = prompt[max(len(prompt) - keep, 0) :]  # from the left, as in TRL: a leading BOS goes with the cut
-    return prompt, [c[: max(max_length - len(prompt), 0)] for c in completions], True
-
-
 def _tokenize_batch(batch: dict, tokenizer, max_length, max_prompt_length, split_name: str) -> dict:
     """The map: normalised rows -> ids (the contract), and `_drop` marking rows left without tokens."""
     encode, eos = _encoder(tokenizer), tokenizer.eos_token_id
@@ -88,11 +77,16 @@ def _tokenize_batch(batch: dict, tokenizer, max_length, max_prompt_length, split
         alone = iter(encode(merged, False) if merged else [])
         completions = [full[len(prompt) :] if ok else next(alone) for full, ok in zip(fulls, clean)]
         completions = [c if eos is None or c[-1:] == [eos] else c + [eos] for c in completions]
-        truncated, reason = False, "no completions"
-        if completions:
-            prompt, completions, truncated = _truncate(prompt, completions, max_length, max_prompt_length)
-            emptied = "completion empty after truncation" if prompt else "prompt has no tokens"
-            reason = "" if prompt and all(completions) else emptied
+        longest = max(map(len, completions), default=0)
+        truncated = bool(completions) and max_length is not None and len(prompt) + longest > max_length
+        if truncated:  # the length rule of tokenize_preference_dataset
+            # The prompt loses its start (as in TRL: a leading BOS goes with it); with max_prompt_length None,
+            # only as far as the completions need, not below half the budget.
+            keep = max_prompt_length or max(max_length - longest, min(len(prompt), max_length // 2))
+            prompt = prompt[max(len(prompt) - keep, 0) :]
+            completions = [c[: max(max_length - len(prompt), 0)] for c in completions]
+        emptied = "completion empty after truncation" if prompt else "prompt has no tokens"
+        reason = ("" if prompt and all(completions) else emptied) if completions else "no completions"
         for key, value in zip(out, (prompt, completions, truncated, reason)):
             out[key].append(value)
     return out
@@ -131,12 +125,10 @@ def tokenize_preference_dataset(
         empty = datasets.Dataset.from_dict({key: [] for key in features}, features=features)
         return (empty, SplitStats(split_name)) if return_stats else empty
     settings = {"max_length": max_length, "max_prompt_length": max_prompt_length, "split_name": split_name}
-    # The tokenizer's identity: definition, chat template, special tokens, a probe's ids (Python-side logic).
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    specials = [tokenizer.bos_token, tokenizer.eos_token, tokenizer.bos_token_id, tokenizer.eos_token_id]
-    specials.append(tokenizer("hf_dpo probe: Hello, world!\n").input_ids)
-    core = backend.to_str() if backend is not None else datasets.fingerprint.Hasher.hash(tokenizer)
-    identity = [type(tokenizer).__qualname__, core, getattr(tokenizer, "chat_template", None), specials]
+    # The tokenizer's identity: its state as `datasets` hashes it (definition, chat template, special tokens;
+    # not the padding/truncation a call leaves behind), and a probe's ids (Python-side logic).
+    probe = tokenizer("hf_dpo probe: Hello, world!\n").input_ids
+    identity = [datasets.fingerprint.Hasher.hash(tokenizer), probe]
     key = cache_key("tokenize", TOKENIZE_VERSION, dataset._fingerprint, identity, settings)
     status = {"_truncated": datasets.Value("bool"), "_drop": datasets.Value("string")}
     # Batches of 256 rows: a fifth less CPU and 50 MiB less peak memory than 1000 (Rust encodings, id lists).
