@@ -126,9 +126,7 @@ class DPOConfig(TrainingArguments):
         "Adapter of the model (model.load_adapter) to use as the frozen reference; default: the base "
         "model for a fresh adapter, a frozen copy for an already trained one.",
     )
-    disable_dropout: bool = _arg(
-        True, "Dropout 0 so policy and reference passes agree (the trained adapter keeps lora_dropout)."
-    )
+    disable_dropout: bool = _arg(True, "Dropout 0 so policy and reference passes agree; lora_dropout stays.")
     # ---- faults and publishing
     nonfinite_action: str = _arg("stop", "Non-finite loss or gradient: 'stop' the run or 'skip' the batch.")
     model_card_template: str | None = _arg(None, "A model card template; default: model_card_template.md.")

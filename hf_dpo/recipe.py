@@ -4,13 +4,10 @@
     hf-dpo train [config.yaml] [--flag value ...]     # the same recipe
     python recipes/qlora_dpo.py                       # the embedded default: bundled data + a tiny local model
 
-Supports a base model in 4-bit (NF4/FP4, nested), 8-bit or full precision with a new LoRA adapter or one to
-continue (`adapter_name_or_path`, whose frozen copy is then the reference); every loss of `hf_dpo.losses`,
-reference-free, the reference live (adapter disabled) or precomputed; padded or padding-free batches, gradient
-accumulation and checkpointing, resume, data parallel; everything in `transformers.TrainingArguments`
-(report_to, save/eval strategies, push_to_hub with hub_model_id / hub_strategy / hub_private_repo / hub_token).
-Assumes a causal LM whose tokenizer knows its special tokens (and a chat template for conversational data), and
-preference data in a format of DESIGN.md (seed `chose`/`rejected`, explicit, chat, ranked).
+Supports a 4-bit (NF4/FP4, nested), 8-bit or full-precision base with a new LoRA adapter or one to continue;
+every loss of `hf_dpo.losses`; reference-free, live or precomputed reference; padding-free batches, resume,
+data parallel, all of `transformers.TrainingArguments` (push_to_hub, ...). Assumes a causal LM whose tokenizer
+knows its special tokens (and a chat template for chat data), and data in a format of DESIGN.md.
 
 Exit codes (hf_dpo.cli.EXIT_CODES): 0 success; 2 bad arguments or data; 3 non-finite loss; 4 training finished
 but the push failed; 5 a file could not be written (disk full, permissions).
@@ -128,9 +125,7 @@ def load_splits(data_args: DataArguments, seed: int):
 
 def setup_logging(training_args: DPOConfig) -> None:
     logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
     )
     level = training_args.get_process_log_level()
     # The recipe's own milestones (data summary, where files went, the push) show on the main process.
