@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(training_args)
         set_seed(training_args.seed)
 
-        # 2. Data: read, normalise and split (before the model, so a bad row fails in seconds, not after
-        # minutes of loading); the trainer tokenises (cached by `datasets`).
+        # 2. Data, before the model so a bad row fails in seconds; the trainer tokenises (cached by datasets).
         splits = load_splits(data_args, training_args.seed)
         for split in splits.values():  # ranked rows (K > 2) need plackett_luce or ranked_mode=pairs
             check_pairs_for_loss(split, training_args.loss_type)
@@ -74,18 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     with resume_hint(argv):  # a full disk while saving: exit 5 with the command that resumes
-        # 5. Train (resuming from the last complete checkpoint if asked), then save the metrics.
+        # 5. Train (resuming from the last complete checkpoint if asked), evaluate on the held-out split.
         train_result = trainer.train(resume_from_checkpoint=resume)
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
-
-        # 6. Evaluate on the held-out split.
         if trainer.eval_dataset is not None:
             metrics = trainer.evaluate()
             trainer.log_metrics("eval", metrics)
             trainer.save_metrics("eval", metrics)
 
-        # 7. Save the adapter, tokenizer and model card (README.md + training_curves.png); trainer_state.json
+        # 6. Save the adapter, tokenizer and model card (README.md + training_curves.png); trainer_state.json
         # holds the whole log history. With push_to_hub, save_model publishes it all (HubPushError -> exit 4).
         trainer.save_state()
         for failure in trainer.hub_push_failures:
