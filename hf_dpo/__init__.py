@@ -1,7 +1,5 @@
 """hf_dpo: Direct Preference Optimization with QLoRA for the Hugging Face ecosystem."""
 
-from __future__ import annotations
-
 import importlib
 
 __version__ = "0.1.0"
@@ -26,6 +24,5 @@ __all__ = ["__version__", *_EXPORTS]
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
-        return getattr(module, name)
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module 'hf_dpo' has no attribute {name!r}")

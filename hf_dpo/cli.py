@@ -84,7 +84,6 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge the adapter into a copy of the base model in `--dtype` (no quantisation) and save it."""
-    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -98,9 +97,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not base_name:
         raise UsageError("the adapter does not name its base model; pass --base")
     try:
-        base = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(base_name), dtype=getattr(torch, args.dtype)
-        )
+        base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_name), dtype=args.dtype)
     except OSError as err:
         raise UsageError(f"cannot load the base model {base_name!r}: {err}; pass --base") from err
     PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(out)
@@ -120,7 +117,7 @@ def cmd_eval(argv: list[str]) -> int:
     from .trainer import DPOTrainer
     from .yaml_args import parse_args
 
-    with usage_errors():
+    with usage_errors(), tempfile.TemporaryDirectory(prefix="hf_dpo_eval_") as scratch:
         if "--adapter" in argv[:-1]:
             at = argv.index("--adapter")
             folder, rest = argv[at + 1], argv[:at] + argv[at + 2 :]
@@ -129,25 +126,22 @@ def cmd_eval(argv: list[str]) -> int:
         else:
             raise UsageError(f"which adapter? pass --adapter DIR\n{EVAL_USAGE}")
         adapter, recorded_base = _adapter(folder)
-        rest = [*rest, *_run_settings(adapter, rest)]
         write_to = Path(rest[rest.index("--output_dir") + 1]) if "--output_dir" in rest[:-1] else adapter
-        with tempfile.TemporaryDirectory(prefix="hf_dpo_eval_") as scratch:
-            parser = HfArgumentParser((ModelArguments, DataArguments, DPOConfig))
-            model_args, data_args, args = parse_args(
-                parser, ["--output_dir", scratch, *rest, "--report_to", "none"]
-            )
-            if "--model_name_or_path" not in rest:
-                model_args.model_name_or_path = recorded_base or model_args.model_name_or_path
-            model_args.adapter_name_or_path = str(adapter)
-            loaded = load_model(model_args, use_cpu=args.use_cpu)
-            loaded.model.requires_grad_(False)  # evaluated, not trained: the reference is then the base model
-            splits = load_splits(data_args, args.seed)
-            rows = splits.get("test", splits["train"])
-            trainer = DPOTrainer(
-                model=loaded.model, args=args, eval_dataset=rows, processing_class=loaded.tokenizer
-            )
-            with contextlib.redirect_stdout(sys.stderr):  # progress and log lines: stdout is the JSON alone
-                metrics = trainer.evaluate()
+        parser = HfArgumentParser((ModelArguments, DataArguments, DPOConfig))
+        flags = ["--output_dir", scratch, *rest, *_run_settings(adapter, rest), "--report_to", "none"]
+        model_args, data_args, args = parse_args(parser, flags)
+        if "--model_name_or_path" not in rest:
+            model_args.model_name_or_path = recorded_base or model_args.model_name_or_path
+        model_args.adapter_name_or_path = str(adapter)
+        loaded = load_model(model_args, use_cpu=args.use_cpu)
+        loaded.model.requires_grad_(False)  # evaluated, not trained: the reference is then the base model
+        splits = load_splits(data_args, args.seed)
+        rows = splits.get("test", splits["train"])
+        trainer = DPOTrainer(
+            model=loaded.model, args=args, eval_dataset=rows, processing_class=loaded.tokenizer
+        )
+        with contextlib.redirect_stdout(sys.stderr):  # progress and log lines: stdout is the JSON alone
+            metrics = trainer.evaluate()
     print(json.dumps(metrics, indent=2))
     write_to.mkdir(parents=True, exist_ok=True)
     (write_to / "eval_results.json").write_text(json.dumps(metrics, indent=2))
@@ -165,11 +159,9 @@ def _run_settings(adapter: Path, argv: list[str]) -> list[str]:
         assert isinstance(training, dict)
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         return []  # not an hf_dpo run folder (e.g. an adapter from elsewhere): the defaults apply
-    flags = []
-    for name in ("loss_type", "loss_weights", *LOSS_OPTIONS, "max_length", "max_prompt_length"):
-        if f"--{name}" not in argv and not any(a.startswith(f"--{name}=") for a in argv):
-            flags += value_flags(name, training.get(name))
-    return flags
+    names = ("loss_type", "loss_weights", *LOSS_OPTIONS, "max_length", "max_prompt_length")
+    given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    return [flag for name in names if name not in given for flag in value_flags(name, training.get(name))]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,13 +4,10 @@
     hf-dpo train [config.yaml] [--flag value ...]     # the same recipe
     python recipes/qlora_dpo.py                       # the embedded default: bundled data + a tiny local model
 
-Supports a base model in 4-bit (NF4/FP4, nested), 8-bit or full precision with a new LoRA adapter or one to
-continue (`adapter_name_or_path`, whose frozen copy is then the reference); every loss of `hf_dpo.losses`,
-reference-free, the reference live (adapter disabled) or precomputed; padded or padding-free batches, gradient
-accumulation and checkpointing, resume, data parallel; everything in `transformers.TrainingArguments`
-(report_to, save/eval strategies, push_to_hub with hub_model_id / hub_strategy / hub_private_repo / hub_token).
-Assumes a causal LM whose tokenizer knows its special tokens (and a chat template for conversational data), and
-preference data in a format of DESIGN.md (seed `chose`/`rejected`, explicit, chat, ranked).
+Supports a 4-bit (NF4/FP4, nested), 8-bit or full-precision base with a new LoRA adapter or one to continue;
+every loss of `hf_dpo.losses`; reference-free, live or precomputed reference; padding-free batches, resume,
+data parallel, all of `transformers.TrainingArguments` (push_to_hub, ...). Assumes a causal LM whose tokenizer
+knows its special tokens (and a chat template for chat data), and data in a format of DESIGN.md.
 
 Exit codes (hf_dpo.cli.EXIT_CODES): 0 success; 2 bad arguments or data; 3 non-finite loss; 4 training finished
 but the push failed; 5 a file could not be written (disk full, permissions).
@@ -53,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(training_args)
         set_seed(training_args.seed)
 
-        # 2. Data: read, normalise and split (before the model, so a bad row fails in seconds, not after
-        # minutes of loading); the trainer tokenises (cached by `datasets`).
+        # 2. Data, before the model so a bad row fails in seconds; the trainer tokenises (cached by datasets).
         splits = load_splits(data_args, training_args.seed)
         for split in splits.values():  # ranked rows (K > 2) need plackett_luce or ranked_mode=pairs
             check_pairs_for_loss(split, training_args.loss_type)
@@ -77,18 +73,16 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     with resume_hint(argv):  # a full disk while saving: exit 5 with the command that resumes
-        # 5. Train (resuming from the last complete checkpoint if asked), then save the metrics.
+        # 5. Train (resuming from the last complete checkpoint if asked), evaluate on the held-out split.
         train_result = trainer.train(resume_from_checkpoint=resume)
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
-
-        # 6. Evaluate on the held-out split.
         if trainer.eval_dataset is not None:
             metrics = trainer.evaluate()
             trainer.log_metrics("eval", metrics)
             trainer.save_metrics("eval", metrics)
 
-        # 7. Save the adapter, tokenizer and model card (README.md + training_curves.png); trainer_state.json
+        # 6. Save the adapter, tokenizer and model card (README.md + training_curves.png); trainer_state.json
         # holds the whole log history. With push_to_hub, save_model publishes it all (HubPushError -> exit 4).
         trainer.save_state()
         for failure in trainer.hub_push_failures:
@@ -128,9 +122,7 @@ def load_splits(data_args: DataArguments, seed: int):
 
 def setup_logging(training_args: DPOConfig) -> None:
     logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
     )
     level = training_args.get_process_log_level()
     # The recipe's own milestones (data summary, where files went, the push) show on the main process.

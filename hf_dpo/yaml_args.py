@@ -79,18 +79,15 @@ def parse_args(parser: HfArgumentParser, argv: list[str]):
         config_path = argv.pop(0)
         settings = [(RENAMED.get(k, k), v, line) for k, v, line in read_yaml_config(config_path)]
     known = {action.dest for action in parser._actions}
+    overridden = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    origin = {}  # where each value came from, for messages: the config's line unless a flag overrides it
     for key, _, line in settings:
         if key not in known:
             raise ArgumentsError(
                 f"{config_path}, line {line}: unknown argument {key!r}" + _did_you_mean(key, known)
             )
-    overridden = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
-    # Where each value came from, for messages: the config's line unless a flag overrides it.
-    origin = {
-        key: f"{config_path}, line {line}, field {key!r}"
-        for key, _, line in settings
-        if key not in overridden
-    }
+        if key not in overridden:
+            origin[key] = f"{config_path}, line {line}, field {key!r}"
 
     def error(message: str):  # replaces argparse's usage dump + exit(2)
         match = re.search(r"argument --(\w+)", message)
@@ -150,10 +147,7 @@ _REPORT_TO_PACKAGES |= {"codecarbon", "clearml", "swanlab", "trackio"}
 def check_report_to(report_to: str | list[str] | None) -> None:
     """Fail early, with the fix, when `report_to` names an unknown integration or one that is not installed
     (transformers would raise at Trainer init, after the model is loaded, or with a less helpful message)."""
-    from transformers.integrations.integration_utils import (
-        INTEGRATION_TO_CALLBACK,
-        get_available_reporting_integrations,
-    )
+    from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
     names = [report_to] if isinstance(report_to, str) else list(report_to or [])
     names = [name for name in names if name not in ("none", "all")]
