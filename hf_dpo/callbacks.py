@@ -1,8 +1,6 @@
 """TrainerCallbacks that let a run go unattended: the non-finite guard, the checkpoint-complete marker, and
 pushes to the Hub at every save (`hub_strategy`). They use transformers' public callback events only."""
 
-from __future__ import annotations
-
 import contextlib
 import errno
 import logging

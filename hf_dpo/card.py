@@ -2,8 +2,6 @@
 (or `DPOConfig.model_card_template`), which writes every word, from public values (no secret, no local path).
 hf_dpo_run.json records the inputs so that `hf-dpo push --repo-id X` can render the card for X."""
 
-from __future__ import annotations
-
 import hashlib
 import importlib.metadata
 import json

@@ -6,8 +6,6 @@ default DIR). DPO settings default to the run's hf_dpo_run.json; flags override 
 else the rows the recipe held out (same --dataset_test_size and seed), else the train split (bundled data).
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 import json

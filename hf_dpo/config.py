@@ -3,8 +3,6 @@
 Names follow TRL and alignment-handbook so configs carry over; all else is `transformers.TrainingArguments`.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 from dataclasses import dataclass, field

@@ -1,7 +1,5 @@
 """The training-curves image of the model card: loss, reward accuracy and reward margin against step."""
 
-from __future__ import annotations
-
 import math
 import os
 from pathlib import Path

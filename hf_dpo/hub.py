@@ -1,8 +1,6 @@
 """Publish a run's output_dir (adapter, tokenizer, card, results only) to the Hub with `HfApi.upload_folder`,
 under huggingface_hub's own settings (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE...), which hf_dpo never changes."""
 
-from __future__ import annotations
-
 import json
 import mmap
 import os

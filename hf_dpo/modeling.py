@@ -1,8 +1,6 @@
 """The model side: load a (4-bit) base with a LoRA adapter, prepare any model once for DPO, and choose the
 reference policy the trainer compares against."""
 
-from __future__ import annotations
-
 import contextlib
 import copy
 import logging

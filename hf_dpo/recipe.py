@@ -13,8 +13,6 @@ Exit codes (hf_dpo.cli.EXIT_CODES): 0 success; 2 bad arguments or data; 3 non-fi
 but the push failed; 5 a file could not be written (disk full, permissions).
 """
 
-from __future__ import annotations
-
 import contextlib
 import logging
 import shlex

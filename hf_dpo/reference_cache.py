@@ -2,8 +2,6 @@
 everything the values depend on (base model, reference adapter weights, the tokenised data's fingerprint,
 reduction, ld_alpha, ...). Under several processes each rank computes a disjoint shard; every rank gets all."""
 
-from __future__ import annotations
-
 import hashlib
 import itertools
 import json

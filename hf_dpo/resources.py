@@ -1,8 +1,6 @@
 """Files hf_dpo ships: the model card template, the sample data, the recipe configs. They live at the
 checkout's top, where people edit them; a wheel carries copies under `hf_dpo/_bundled/` (pyproject.toml)."""
 
-from __future__ import annotations
-
 import importlib.resources
 from pathlib import Path
 

@@ -2,8 +2,6 @@
 byte-level BPE trained on a fixed corpus and a 2-layer Llama from a fixed seed, so every machine builds the same
 files. It exercises the whole pipeline in seconds and is not useful for anything else."""
 
-from __future__ import annotations
-
 import json
 import os
 from collections.abc import Iterable

@@ -4,8 +4,6 @@ A step runs ONE policy forward over the batch (logps.batch_logps), the reference
 (modeling.reference_policy, or precomputed columns), and losses.preference_loss on the two.
 """
 
-from __future__ import annotations
-
 import copy
 import dataclasses
 import logging

@@ -4,8 +4,6 @@ Every mistake becomes an ArgumentsError (a ValueError) whose message names the f
 value came from, so the command line prints one line and exits 2 instead of a usage dump or a traceback.
 """
 
-from __future__ import annotations
-
 import difflib
 import json
 import re

@@ -1,8 +1,6 @@
 """The four record formats (DESIGN.md, "Record formats") normalised into one schema by one batched map; then
 rows without a preference are dropped and counted, the test split held out, and ranked rows paired on request."""
 
-from __future__ import annotations
-
 import itertools
 import json
 import logging
@@ -57,7 +55,7 @@ class Where(namedtuple("Where", "name kind line")):
     """A row's place: "data.jsonl, line 3" or "<train dataset>, row 4"; `of(row)` reads a row's source columns."""
 
     @classmethod
-    def of(cls, row: dict, name: str = "<dataset>", kind: str = "source_line") -> Where:
+    def of(cls, row: dict, name: str = "<dataset>", kind: str = "source_line") -> "Where":
         return cls(row.get("source_name", name), row.get("source_kind", kind), row.get("source_line"))
 
     def error(self, field: str | None, reason: str) -> PreferenceDataError:

@@ -2,8 +2,6 @@
 by hand into a cached Dataset, so that messages name the exact line (1-based, blank lines counted); the rest
 goes through `datasets.load_dataset` / `load_from_disk`, and its rows are named "row N" (1-based)."""
 
-from __future__ import annotations
-
 import codecs
 import itertools
 import json

@@ -1,8 +1,6 @@
 """Tokenising normalised rows (DESIGN.md, "Tokenisation contract") in one batched `Dataset.map`, cached by
 `datasets` under a fingerprint of the input rows, the tokenizer and the settings."""
 
-from __future__ import annotations
-
 import json
 import logging
 
