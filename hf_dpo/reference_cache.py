@@ -3,7 +3,6 @@ everything the values depend on (base model, reference adapter weights, the toke
 reduction, ld_alpha, ...). Under several processes each rank computes a disjoint shard; every rank gets all."""
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -23,31 +22,26 @@ logger = logging.getLogger(__name__)
 def _weights_signature(model: torch.nn.Module) -> dict:
     config = getattr(model, "config", None)
     name = str(getattr(config, "_name_or_path", ""))
-    files = []
-    if os.path.isdir(name):
-        weights = [e for e in sorted(Path(name).iterdir()) if e.suffix in (".safetensors", ".bin")]
-        files = [(e.name, e.stat().st_size, int(e.stat().st_mtime)) for e in weights]
+    entries = sorted(Path(name).iterdir()) if os.path.isdir(name) else []
+    weights = [e for e in entries if e.suffix in (".safetensors", ".bin")]
+    files = [(e.name, e.stat().st_size, int(e.stat().st_mtime)) for e in weights]
     return {"name": name, "config": config.to_json_string() if config is not None else "", "files": files}
-
-
-def _adapter_digest(model: torch.nn.Module, adapter: str) -> str:
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if f".{adapter}." in name:
-            digest.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def reference_cache_key(trainer, dataset) -> str:
     reference = trainer.reference
     model = unwrap(reference.model if reference.kind == "model" else trainer.model)
+    digest = hashlib.sha256()  # of a reference adapter's weights: they are not in the base model's files
+    if reference.adapter:
+        for name, param in sorted(model.named_parameters()):
+            if f".{reference.adapter}." in name:
+                digest.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
     parts = {
         "version": 1,  # of this key and the stored format: a change makes every cached entry stale
         "data": dataset._fingerprint,
         "model": _weights_signature(model),  # a PeftModel passes its base model's .config through
         "reference": reference.kind,
-        # A reference adapter's (or a full reference model's trainable) weights are not in the base files.
-        "reference_weights": _adapter_digest(model, reference.adapter) if reference.adapter else None,
+        "reference_weights": digest.hexdigest() if reference.adapter else None,
         "reduction": trainer.args.logp_reduction,
         "ld_alpha": trainer.args.ld_alpha,  # LD-DPO weights the reference's tail tokens too
         # Shared and repeated prompts agree only to float rounding; a fresh adapter's rewards are exactly 0
@@ -98,7 +92,7 @@ def precompute_reference_logps(trainer, dataset):
         if trainer.accelerator.is_main_process:
             path.parent.mkdir(parents=True, exist_ok=True)
             flat = torch.tensor([v for row in values for v in row], dtype=torch.float32)
-            offsets = torch.tensor([0, *itertools.accumulate(len(row) for row in values)], dtype=torch.int64)
+            offsets = torch.tensor([0, *map(len, values)]).cumsum(0)  # int64
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             safetensors.torch.save_file({"values": flat, "offsets": offsets}, str(tmp))
             os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
