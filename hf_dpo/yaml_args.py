@@ -44,14 +44,12 @@ def read_yaml_config(path: str | Path) -> list[tuple[str, Any, int]]:
             f"{path}, line {root.start_mark.line + 1}: expected a mapping of argument names to values "
             f"(`beta: 0.1`), got {type(values).__name__}"
         )
-    settings, first_line = [], {}
+    settings, seen = [], {}  # seen: the line of each key so far
     for key_node, _ in root.value:
         key, line = str(key_node.value), key_node.start_mark.line + 1
-        if key in first_line:
-            raise ArgumentsError(
-                f"{path}, line {line}: {key!r} is set twice (also on line {first_line[key]})"
-            )
-        first_line[key] = line
+        if key in seen:
+            raise ArgumentsError(f"{path}, line {line}: {key!r} is set twice (also on line {seen[key]})")
+        seen[key] = line
         settings.append((key, values[key_node.value], line))
     return settings
 
@@ -71,7 +69,8 @@ def value_flags(key: str, value: Any) -> list[str]:
 def parse_args(parser: HfArgumentParser, argv: list[str]):
     """Parse `[config.yaml] [--flags]` into the parser's dataclasses; flags after the file override its values.
     FileNotFoundError for a missing file; ArgumentsError naming the file and line, or the flag, for a bad one."""
-    argv = [_renamed_flag(arg) for arg in argv]
+    for old, new in RENAMED.items():  # --old and --old=value
+        argv = [re.sub(rf"^--{re.escape(old)}(?=\Z|=)", f"--{new}", arg) for arg in argv]
     config_path, settings = None, []
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
         config_path = argv.pop(0)
@@ -116,11 +115,6 @@ def parse_args(parser: HfArgumentParser, argv: list[str]):
     return tuple(parsed)
 
 
-def _renamed_flag(arg: str) -> str:
-    name, sep, value = arg[2:].partition("=")
-    return f"--{RENAMED[name]}{sep}{value}" if arg.startswith("--") and name in RENAMED else arg
-
-
 def _unknown_flags_message(remaining: list[str], known: set[str]) -> str:
     configs = [arg for arg in remaining if arg.endswith(CONFIG_SUFFIXES)]
     if configs:
@@ -142,13 +136,12 @@ _REPORT_TO_PACKAGES = {"comet_ml", "dagshub", "dvclive", "mlflow", "neptune", "t
 _REPORT_TO_PACKAGES |= {"codecarbon", "clearml", "swanlab", "trackio"}
 
 
-def check_report_to(report_to: str | list[str] | None) -> None:
+def check_report_to(report_to: list[str]) -> None:
     """Fail early, with the fix, when `report_to` names an unknown integration or one that is not installed
     (transformers would raise at Trainer init, after the model is loaded, or with a less helpful message)."""
     from transformers.integrations import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
 
-    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
-    names = [name for name in names if name not in ("none", "all")]
+    names = [name for name in report_to if name not in ("none", "all")]  # a parsed TrainingArguments' list
     available = set(get_available_reporting_integrations())
     for name in names:
         if name not in INTEGRATION_TO_CALLBACK:
