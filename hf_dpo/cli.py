@@ -81,7 +81,6 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Merge the adapter into a copy of the base model in `--dtype` (no quantisation) and save it."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -135,9 +134,7 @@ def cmd_eval(argv: list[str]) -> int:
         loaded.model.requires_grad_(False)  # evaluated, not trained: the reference is then the base model
         splits = load_splits(data_args, args.seed)
         rows = splits.get("test", splits["train"])
-        trainer = DPOTrainer(
-            model=loaded.model, args=args, eval_dataset=rows, processing_class=loaded.tokenizer
-        )
+        trainer = DPOTrainer(loaded.model, args=args, eval_dataset=rows, processing_class=loaded.tokenizer)
         with contextlib.redirect_stdout(sys.stderr):  # progress and log lines: stdout is the JSON alone
             metrics = trainer.evaluate()
     print(json.dumps(metrics, indent=2))
@@ -147,8 +144,7 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def _run_settings(adapter: Path, argv: list[str]) -> list[str]:
-    """Flags for the settings recorded in the run's hf_dpo_run.json (written at save) that argv does not set:
-    the loss of an IPO adapter, or one trained with beta 0.01, means something else under the defaults."""
+    """Flags for the DPO settings recorded in the run's hf_dpo_run.json that argv does not set."""
     from .config import LOSS_OPTIONS
     from .yaml_args import value_flags
 

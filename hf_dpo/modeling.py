@@ -115,8 +115,7 @@ def load_model(
 def attach_adapter(
     model: nn.Module, peft_config, gradient_checkpointing=False, checkpointing_kwargs=None, adapter_path=None
 ):
-    """`model` (a plain causal LM, quantised or not; k-bit prepared here) with a trainable LoRA adapter: a new one
-    from `peft_config`, or the one saved at `adapter_path` to train further."""
+    """`model` (a causal LM, k-bit prepared here) with a trainable LoRA adapter: new, or `adapter_path`'s."""
     if isinstance(model, peft.PeftModel):
         raise ValueError(
             "the model is already a PeftModel, so peft_config would be ignored: pass the base model with "

@@ -53,15 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         for split in splits.values():  # ranked rows (K > 2) need plackett_luce or ranked_mode=pairs
             check_pairs_for_loss(split, training_args.loss_type)
 
-        # 3. Model: quantised base + LoRA, and its tokenizer.
+        # 3. Model (quantised base + LoRA) and trainer; the trainer also publishes and writes the model card.
         loaded = load_model(
             model_args,
             use_cpu=training_args.use_cpu,
             gradient_checkpointing=training_args.gradient_checkpointing,
             gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs,
         )
-
-        # 4. Trainer: it also publishes (push_to_hub, hub_strategy) and writes the model card.
         trainer = DPOTrainer(
             model=loaded.model,
             args=training_args,
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     with resume_hint(argv):  # a full disk while saving: exit 5 with the command that resumes
-        # 5. Train (resuming from the last complete checkpoint if asked), evaluate on the held-out split.
+        # 4. Train (resuming from the last complete checkpoint if asked), evaluate on the held-out split.
         train_result = trainer.train(resume_from_checkpoint=resume)
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
@@ -80,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.log_metrics("eval", metrics)
             trainer.save_metrics("eval", metrics)
 
-        # 6. Save the adapter, tokenizer and model card (README.md + training_curves.png); trainer_state.json
+        # 5. Save the adapter, tokenizer and model card (README.md + training_curves.png); trainer_state.json
         # holds the whole log history. With push_to_hub, save_model publishes it all (HubPushError -> exit 4).
         trainer.save_state()
         for failure in trainer.hub_push_failures:

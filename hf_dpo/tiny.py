@@ -4,7 +4,6 @@ files. It exercises the whole pipeline in seconds and is not useful for anything
 
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 TINY_MODEL_NAME = "hf_dpo/tiny-llama"  # the model_name_or_path of the tiny model (the recipe's default)
@@ -39,7 +38,7 @@ def tiny_corpus() -> list[str]:
     return [line.strip() for line in _CORPUS.strip().splitlines() if line.strip()]
 
 
-def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
+def build_tiny_tokenizer(vocab_size: int = 512):
     """Train a byte-level BPE with BOS/EOS/PAD and a chat template; returns a transformers tokenizer that adds
     BOS at the start of every encoded text (like Llama's), never EOS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -52,7 +51,7 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
     )
-    tok.train_from_iterator(list(corpus if corpus is not None else tiny_corpus()), trainer=trainer)
+    tok.train_from_iterator(tiny_corpus(), trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
