@@ -73,7 +73,7 @@ def parse_args(parser: HfArgumentParser, argv: list[str]):
         argv = [re.sub(rf"^--{re.escape(old)}(?=\Z|=)", f"--{new}", arg) for arg in argv]
     config_path, settings = None, []
     if argv and argv[0].endswith(CONFIG_SUFFIXES):
-        config_path = argv.pop(0)
+        config_path, argv = argv[0], argv[1:]
         settings = [(RENAMED.get(k, k), v, line) for k, v, line in read_yaml_config(config_path)]
     known = {action.dest for action in parser._actions}
     overridden = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
