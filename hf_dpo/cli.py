@@ -112,7 +112,7 @@ def cmd_eval(argv: list[str]) -> int:
     from .modeling import load_model
     from .recipe import load_splits
     from .trainer import DPOTrainer
-    from .yaml_args import parse_args
+    from .yaml_args import flag_name, parse_args
 
     with usage_errors(), tempfile.TemporaryDirectory(prefix="hf_dpo_eval_") as scratch:
         if "--adapter" in argv[:-1]:
@@ -123,11 +123,11 @@ def cmd_eval(argv: list[str]) -> int:
         else:
             raise UsageError(f"which adapter? pass --adapter DIR\n{EVAL_USAGE}")
         adapter, recorded_base = _adapter(folder)
-        write_to = Path(rest[rest.index("--output_dir") + 1]) if "--output_dir" in rest[:-1] else adapter
         parser = HfArgumentParser((ModelArguments, DataArguments, DPOConfig))
         flags = ["--output_dir", scratch, *rest, *_run_settings(adapter, rest), "--report_to", "none"]
         model_args, data_args, args = parse_args(parser, flags)
-        if "--model_name_or_path" not in rest:
+        write_to = Path(args.output_dir) if args.output_dir != scratch else adapter
+        if "model_name_or_path" not in map(flag_name, rest):
             model_args.model_name_or_path = recorded_base or model_args.model_name_or_path
         model_args.adapter_name_or_path = str(adapter)
         loaded = load_model(model_args, use_cpu=args.use_cpu)
@@ -146,7 +146,7 @@ def cmd_eval(argv: list[str]) -> int:
 def _run_settings(adapter: Path, argv: list[str]) -> list[str]:
     """Flags for the DPO settings recorded in the run's hf_dpo_run.json that argv does not set."""
     from .config import LOSS_OPTIONS
-    from .yaml_args import value_flags
+    from .yaml_args import flag_name, value_flags
 
     try:
         training = json.loads((adapter / "hf_dpo_run.json").read_text(encoding="utf-8"))["training"]
@@ -154,7 +154,7 @@ def _run_settings(adapter: Path, argv: list[str]) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         return []  # not an hf_dpo run folder (e.g. an adapter from elsewhere): the defaults apply
     names = ("loss_type", "loss_weights", *LOSS_OPTIONS, "max_length", "max_prompt_length")
-    given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    given = set(map(flag_name, argv))
     return [flag for name in names if name not in given for flag in value_flags(name, training.get(name))]
 
 

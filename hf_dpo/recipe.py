@@ -31,7 +31,7 @@ from .data import bundled_data_path, check_pairs_for_loss, load_preference_data
 from .modeling import load_model
 from .resources import bundled_file
 from .trainer import DPOTrainer
-from .yaml_args import check_report_to, parse_args
+from .yaml_args import check_report_to, parse_args, without_option
 
 logger = logging.getLogger("hf_dpo.recipe")
 
@@ -98,8 +98,7 @@ def resume_hint(argv: list[str]) -> Iterator[None]:
             raise
         program = sys.argv[0]
         command = ["python", program] if program.endswith(".py") else [Path(program).name, "train"]
-        command += [arg for arg in argv if arg != "--resume_from_checkpoint"]
-        command += ["--resume_from_checkpoint", "true"]
+        command += [*without_option(argv, "resume_from_checkpoint"), "--resume_from_checkpoint", "true"]
         raise SaveError(f"{err} Resume with: {shlex.join(command)}", err.last_checkpoint) from err
 
 

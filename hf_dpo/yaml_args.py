@@ -66,6 +66,22 @@ def value_flags(key: str, value: Any) -> list[str]:
     return [] if value is None else [f"--{key}", *(str(v) for v in values)]
 
 
+def flag_name(arg: str) -> str | None:
+    """The option an argument sets, as argparse reads it ("--max-length=9" -> "max_length"); None for a value."""
+    return arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` less every `--name value` and `--name=value` (either spelling of the name)."""
+    kept, args = [], iter(argv)
+    for arg in args:
+        if flag_name(arg) != name:
+            kept.append(arg)
+        elif "=" not in arg:
+            next(args, None)  # its value
+    return kept
+
+
 def parse_args(parser: HfArgumentParser, argv: list[str]):
     """Parse `[config.yaml] [--flags]` into the parser's dataclasses; flags after the file override its values.
     FileNotFoundError for a missing file; ArgumentsError naming the file and line, or the flag, for a bad one."""
@@ -76,7 +92,7 @@ def parse_args(parser: HfArgumentParser, argv: list[str]):
         config_path, argv = argv[0], argv[1:]
         settings = [(RENAMED.get(k, k), v, line) for k, v, line in read_yaml_config(config_path)]
     known = {action.dest for action in parser._actions}
-    overridden = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    overridden = {flag_name(arg) for arg in argv}
     origin = {}  # where each value came from, for messages: the config's line unless a flag overrides it
     for key, _, line in settings:
         if key not in known:

@@ -151,6 +151,14 @@ def test_eval_of_the_trained_adapter_repeats_the_runs_own_eval(trained, pairs, t
     for key in ("logps/chosen", "logps/rejected"):
         assert lower[f"eval_{key}"] == pytest.approx(metrics[f"eval_{key}"], abs=1e-5), key
 
+    # Dashed flags are the same options: reference-free, each reward is beta (0.25, recorded) times its log-prob.
+    assert cli.main([*argv, "--output-dir", str(tmp_path / "dashed"), "--reference-free", "true"]) == 0
+    free = json.loads((tmp_path / "dashed" / "eval_results.json").read_text())
+    for side in ("chosen", "rejected"):
+        assert free[f"eval_rewards/{side}"] == pytest.approx(0.25 * free[f"eval_logps/{side}"], rel=1e-5), (
+            side
+        )
+
 
 def test_merge_gives_the_logits_of_base_plus_adapter(trained, tmp_path, capsys):
     from peft import PeftModel

@@ -13,7 +13,7 @@ from transformers import HfArgumentParser
 
 from hf_dpo.config import DataArguments, DPOConfig, ModelArguments
 from hf_dpo.losses import LOSS_TYPES, accepts_ranked
-from hf_dpo.yaml_args import parse_args
+from hf_dpo.yaml_args import flag_name, parse_args, without_option
 
 PARSER = HfArgumentParser((ModelArguments, DataArguments, DPOConfig))
 BASE = ["--output_dir", "unused", "--use_cpu", "true", "--report_to", "none"]
@@ -33,6 +33,15 @@ def test_one_length_flag_alone_works(max_length):
     assert (args.max_length, args.max_prompt_length) == (max_length, None)
     _, _, args = _parse({"max_prompt_length": 100})
     assert (args.max_length, args.max_prompt_length) == (1024, 100)
+
+
+def test_flags_are_named_in_either_spelling_and_an_option_leaves_with_its_value():
+    """argparse reads --max-length and --max_length alike; so must the code that looks for a flag in argv."""
+    names = [flag_name(a) for a in ("--max-length=9", "--max_length", "9", "-h")]
+    assert names == ["max_length", "max_length", None, None]
+    argv = ["c.yaml", "--resume_from_checkpoint", "out/checkpoint-2", "--beta", "0.2"]
+    argv += ["--resume-from-checkpoint=x"]
+    assert without_option(argv, "resume_from_checkpoint") == ["c.yaml", "--beta", "0.2"]
 
 
 def test_both_lengths_must_leave_room_for_the_completion():
