@@ -116,10 +116,9 @@ def retry_command(
     output_dir: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool | None = None
 ) -> str:
     """The shell command that pushes `output_dir` again (never with the token: it comes from the login)."""
-    command = f"hf-dpo push {shlex.quote(str(output_dir))} --repo-id {shlex.quote(repo_id)}"
-    if revision not in (None, "main"):
-        command += f" --revision {shlex.quote(revision)}"
-    return command + (" --private" if private else "")
+    command = ["hf-dpo", "push", str(output_dir), "--repo-id", repo_id]
+    command += ["--revision", revision] if revision not in (None, "main") else []
+    return shlex.join(command + (["--private"] if private else []))
 
 
 def public_adapter_config(output_dir: str | os.PathLike) -> bytes | None:
