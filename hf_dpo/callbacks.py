@@ -25,11 +25,8 @@ class NonFiniteLossError(RuntimeError):
 
 class NonFiniteGuard(TrainerCallback):
     """Stops the run (or, with nonfinite_action=skip, skips the update) when a step's loss or gradients are
-    not finite, and stops it before saving when an update made the weights non-finite.
-
-    compute_loss reports each training micro-batch through `observe`; `end_of_step` (training_step, after the
-    last micro-batch's backward) decides once per optimizer step, before clipping and the update, with every
-    rank agreeing first (one rank raising while the others wait in a gradient all-reduce would hang)."""
+    not finite, and before saving weights an update made non-finite. `end_of_step` decides once per optimizer
+    step, before clipping, all ranks agreeing (one rank raising alone would hang the rest in all-reduce)."""
 
     def __init__(self, accelerator, describe_rows):
         self.accelerator = accelerator
@@ -70,8 +67,7 @@ class NonFiniteGuard(TrainerCallback):
         )
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        # Before anything is logged or saved: an update can itself overflow (e.g. a learning rate of inf)
-        # from finite gradients; such weights must never reach a checkpoint.
+        # Before any log or save: an update can overflow from finite gradients (e.g. a learning rate of inf).
         trained = [p for p in model.parameters() if p.requires_grad]
         if args.nonfinite_action == "stop" and not all_finite(trained):
             rate = optimizer.param_groups[0]["lr"] if optimizer is not None else args.learning_rate
@@ -83,8 +79,7 @@ class NonFiniteGuard(TrainerCallback):
 
 
 class CheckpointMarker(TrainerCallback):
-    """Writes the completion marker into each checkpoint once transformers has saved all of it: a checkpoint
-    without the marker was cut short (a crash, a full disk) and is never resumed from."""
+    """Marks each saved checkpoint complete: one lacking the marker was cut short and is never resumed."""
 
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_COMPLETE
@@ -97,10 +92,9 @@ class CheckpointMarker(TrainerCallback):
 
 
 class HubPushAtSave(TrainerCallback):
-    """`hub_strategy` pushes at every save, as transformers documents them, through hf_dpo's publishing path:
-    "every_save" pushes the saved adapter, tokenizer and card to the repo root; "checkpoint" also mirrors the
-    checkpoint into `last-checkpoint/`, "all_checkpoints" into `checkpoint-N/` (without optimizer, scheduler
-    or RNG states and training_args.bin). A failed push is logged and kept in `failures`; training goes on."""
+    """Pushes at each save, per `hub_strategy`: "every_save" the adapter, tokenizer and card to the repo root;
+    "checkpoint" also the checkpoint (less optimizer, scheduler, RNG states) into `last-checkpoint/`, and
+    "all_checkpoints" into `checkpoint-N/`. A failed push is logged, kept in `failures`; training goes on."""
 
     def __init__(self, push, strategy: str):
         self.push = push  # (folder, path_in_repo, commit_message) -> None, raising HubPushError

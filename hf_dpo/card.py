@@ -13,18 +13,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jinja2.meta
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+from hf_dpo import __version__
 from hf_dpo.curves import CURVES_FILE
 from hf_dpo.resources import bundled_file
+from hf_dpo.tiny import TINY_MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
 RUN_INFO_FILE = "hf_dpo_run.json"
-# Hugging Face user access tokens: "hf_" followed by a long run of letters and digits.
 HF_TOKEN_PATTERN = re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}")
 # Setting names that hold secrets (hub_token, api_key...), but not tokenizer_name_or_path or max_tokens.
 _SECRET_KEY = re.compile(r"(?:^|_)(?:token|secret|password|passwd|api_?key|credentials?)$", re.IGNORECASE)
 _DATA_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".tsv", ".txt", ".arrow"}
-# Results are listed in this order first, then any other metric alphabetically.
 _RESULT_ORDER = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 _RESULT_ORDER += ("logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected")
 
@@ -35,9 +39,6 @@ class ModelCardTemplateError(ValueError):
 
 def render_card(output_dir: str | os.PathLike, inputs: Mapping[str, Any], *, template_path=None) -> str:
     """The model card of the adapter in `output_dir`, rendered from `inputs` (see `card_variables`)."""
-    import jinja2.meta
-    from huggingface_hub import ModelCard
-
     output_dir = Path(output_dir)
     card_data, variables = card_variables(output_dir, inputs)
     path = Path(template_path) if template_path else bundled_file("model_card_template.md")
@@ -97,8 +98,6 @@ def card_for_repo(output_dir: str | os.PathLike, repo_id: str) -> str | None:
 
 def card_variables(output_dir: Path, inputs: Mapping[str, Any]):
     """(ModelCardData, template variables) for the card; every value is public (no secret, no local path)."""
-    from huggingface_hub import ModelCardData
-
     base = str(inputs.get("base_model") or "")
     base_on_hub = is_hub_id(base)
     sources = [str(d) for d in inputs.get("datasets") or []]
@@ -141,8 +140,6 @@ def card_variables(output_dir: Path, inputs: Mapping[str, Any]):
 
 def framework_versions() -> dict[str, str]:
     """Versions of hf_dpo and the libraries it trains with, read now (not at import time)."""
-    from hf_dpo import __version__
-
     versions = {"hf_dpo": __version__}
     for name in ("transformers", "peft", "torch", "bitsandbytes", "datasets", "huggingface_hub"):
         try:
@@ -159,10 +156,6 @@ def is_local_path(name: str) -> bool:
 
 def is_hub_id(name: str) -> bool:
     """A Hub repo id (`org/name` or `name`): not a local path, a data file, nor the locally built tiny model."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    from hf_dpo.tiny import TINY_MODEL_NAME
-
     try:
         validate_repo_id(name)
     except HFValidationError:

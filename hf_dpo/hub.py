@@ -9,7 +9,12 @@ import shlex
 import tempfile
 from pathlib import Path
 
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from hf_dpo.card import HF_TOKEN_PATTERN, card_for_repo, is_local_path, local_name
+from hf_dpo.tiny import TINY_MODEL_NAME
 
 # The top-level files of an output_dir that a push uploads (fnmatch patterns): never optimizer, scheduler or
 # RNG states, training_args.bin, hf_dpo_run.json nor checkpoint-* folders.
@@ -37,8 +42,7 @@ class HubPushError(RuntimeError):
 
     def __init__(self, message: str, *, retry_command: str | None = None, status_code: int | None = None):
         super().__init__(message)
-        self.retry_command = retry_command
-        self.status_code = status_code
+        self.retry_command, self.status_code = retry_command, status_code
 
 
 class PushRefusedError(HubPushError, ValueError):
@@ -59,8 +63,6 @@ def push_folder(
     """Create `repo_id` if needed and upload the PUSH_PATTERNS files of `output_dir` in one commit; its URL.
     `token` defaults to huggingface_hub's; `private` applies to a new repo; `revision` is a branch, created if
     missing; `path_in_repo`, a folder made to mirror `output_dir`; `render_card`: see `push_run`."""
-    from huggingface_hub import HfApi
-
     check_repo_id(repo_id)
     folder_in_repo = (path_in_repo or "").rstrip("/") or None  # None: the repo root
     if folder_in_repo and {"", ".", ".."} & set(folder_in_repo.split("/")):  # also a leading "/"
@@ -102,8 +104,6 @@ def push_run(output_dir: str | os.PathLike, repo_id: str, **kwargs) -> str:
 
 def check_repo_id(repo_id: str) -> None:
     """Raise PushRefusedError unless `repo_id` is a valid Hub model id: `namespace/name` or `name`."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     if not isinstance(repo_id, str):
         raise PushRefusedError(f"Invalid repo id {repo_id!r}: expected 'namespace/name' or 'name'.")
     try:
@@ -116,16 +116,13 @@ def retry_command(
     output_dir: str | os.PathLike, repo_id: str, *, revision: str | None = None, private: bool | None = None
 ) -> str:
     """The shell command that pushes `output_dir` again (never with the token: it comes from the login)."""
-    command = f"hf-dpo push {shlex.quote(str(output_dir))} --repo-id {shlex.quote(repo_id)}"
-    if revision not in (None, "main"):
-        command += f" --revision {shlex.quote(revision)}"
-    return command + (" --private" if private else "")
+    command = ["hf-dpo", "push", str(output_dir), "--repo-id", repo_id]
+    command += ["--revision", revision] if revision not in (None, "main") else []
+    return shlex.join(command + (["--private"] if private else []))
 
 
 def public_adapter_config(output_dir: str | os.PathLike) -> bytes | None:
     """adapter_config.json naming a local base model by its folder (or "hf_dpo/tiny-llama"); None if unchanged."""
-    from hf_dpo.tiny import TINY_MODEL_NAME
-
     try:
         config = json.loads((Path(output_dir) / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -166,8 +163,6 @@ def _stage(output_dir: Path, staging: Path, card_repo_id: str | None) -> None:
 
 def _refuse_secrets(folder: Path, token: str | None, commit_message: str) -> None:
     """Refuse the push if the token (given or the login's) or any hf_... token is in a file or the message."""
-    from huggingface_hub import get_token
-
     try:
         tokens = {token, get_token()}
     except Exception:  # an OIDC token exchange that fails: then only the given token can leak
@@ -176,9 +171,7 @@ def _refuse_secrets(folder: Path, token: str | None, commit_message: str) -> Non
     secret = re.compile(b"|".join([*needles, HF_TOKEN_PATTERN.pattern.encode()]))  # a token or token-shaped
     if secret.search(commit_message.encode()):
         raise PushRefusedError("Refusing to push: the commit message contains a Hugging Face token.")
-    for path in sorted(folder.iterdir()):
-        if path.stat().st_size == 0:  # mmap refuses empty files
-            continue
+    for path in sorted(p for p in folder.iterdir() if p.stat().st_size > 0):  # mmap refuses empty files
         with open(path, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
             if secret.search(data):
                 raise PushRefusedError(
@@ -190,8 +183,6 @@ def _refuse_secrets(folder: Path, token: str | None, commit_message: str) -> Non
 
 def _raise_push_error(err: BaseException, output_dir: Path, repo_id: str, endpoint: str, retry: str) -> None:
     """Raise a HubPushError for a Hub or network failure anywhere in `err`'s chain; return for anything else."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
     try:
         import httpx2 as httpx  # huggingface_hub 2
     except ImportError:  # huggingface_hub 1
