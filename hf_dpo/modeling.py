@@ -102,13 +102,10 @@ def load_model(
     guard_cpu_4bit_repacking(model)
     tokenizer_name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_name, model_args.trust_remote_code, model_args.model_revision)
-    logger.info(
-        "hf_dpo model: %s on %s, quantization %s, LoRA trainable %d params",
-        model_args.model_name_or_path,
-        device,
-        describe_quantization(model),
-        sum(p.numel() for p in model.parameters() if p.requires_grad),
-    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    quantization = describe_quantization(model)
+    message = "hf_dpo model: %s on %s, quantization %s, LoRA trainable %d params"
+    logger.info(message, model_args.model_name_or_path, device, quantization, trainable)
     return LoadedModel(model, tokenizer)
 
 

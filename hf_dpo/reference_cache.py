@@ -96,11 +96,6 @@ def precompute_reference_logps(trainer, dataset):
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             safetensors.torch.save_file({"values": flat, "offsets": offsets}, str(tmp))
             os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache entry
-        logger.info(
-            "reference log-probs precomputed for %d rows, %d of them by rank %d (cache %s)",
-            len(dataset),
-            len(mine),
-            rank,
-            path,
-        )
+        message = "reference log-probs precomputed for %d rows, %d of them by rank %d (cache %s)"
+        logger.info(message, len(dataset), len(mine), rank, path)
     return dataset.add_column("ref_logps", values)
