@@ -97,28 +97,19 @@ class DPOTrainer(Trainer):
             for candidate in (model, self.reference.model):
                 if candidate is not None:
                     use_varlen_attention(candidate)
-        processing_class = processing_class or modeling.load_tokenizer(_model_name(model))
+        tokenizer = processing_class or modeling.load_tokenizer(_model_name(model))
         # The main process tokenises first (filling the `datasets` cache); the others then read that cache.
         with args.main_process_first(desc="tokenising the preference data"):
-            train_dataset = self._tokenize(train_dataset, processing_class, args, "train")
-            eval_dataset = _each_split(
-                eval_dataset, lambda ds, name: self._tokenize(ds, processing_class, args, name)
-            )
+            train_dataset = _tokenize(train_dataset, tokenizer, args, "train")
+            eval_dataset = _each_split(eval_dataset, lambda ds, name: _tokenize(ds, tokenizer, args, name))
         data_collator = data_collator or PreferenceCollator(
-            pad_token_id=_pad_token_id(processing_class, args.pad_token),
+            pad_token_id=_pad_token_id(tokenizer, args.pad_token),
             pad_to_multiple_of=args.pad_to_multiple_of,
             padding_free=args.padding_free,
             share_prompt=self.share_prompt,
         )
         super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            **kwargs,
+            model, args, data_collator, train_dataset, eval_dataset, tokenizer, callbacks=callbacks, **kwargs
         )
         launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched > 1 and self.args.world_size != launched:
@@ -150,24 +141,6 @@ class DPOTrainer(Trainer):
         return self.reference.model if self.reference.kind == "model" else None
 
     # ---------------------------------------------------------------- data
-    @staticmethod
-    def _tokenize(dataset, tokenizer, args: DPOConfig, split: str):
-        if dataset is not None and "prompt_input_ids" not in dataset.column_names:
-            if "completions" not in dataset.column_names:
-                # Raw rows in any record format: normalised as load_preference_data does, with its messages.
-                dataset = data.load_preference_data(dataset, split=split)["train"]
-            dataset = data.tokenize_preference_dataset(
-                dataset,
-                tokenizer,
-                max_length=args.max_length,
-                max_prompt_length=args.max_prompt_length,
-                num_proc=args.dataset_num_proc,
-                split_name=split,
-            )
-        if dataset is not None:
-            data.check_pairs_for_loss(dataset, args.loss_type, f"<{split} dataset>")
-        return dataset
-
     def _describe_rows(self, lines: list[int]) -> str:
         return data.describe_rows(self.train_dataset, lines) if lines else "data rows unknown"
 
@@ -354,6 +327,21 @@ class DPOTrainer(Trainer):
                 targets if isinstance(targets, str) else ",".join(sorted(targets))
             )
         return settings
+
+
+def _tokenize(dataset, tokenizer, args: DPOConfig, split: str):
+    """Rows in any record format, or tokenised ones, as checked tokenised rows (None stays None)."""
+    if dataset is None:
+        return None
+    if "prompt_input_ids" not in dataset.column_names:
+        if "completions" not in dataset.column_names:  # raw rows: normalised as load_preference_data does
+            dataset = data.load_preference_data(dataset, split=split)["train"]
+        lengths = {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length}
+        dataset = data.tokenize_preference_dataset(
+            dataset, tokenizer, **lengths, num_proc=args.dataset_num_proc, split_name=split
+        )
+    data.check_pairs_for_loss(dataset, args.loss_type, f"<{split} dataset>")
+    return dataset
 
 
 def _each_split(dataset, function):
