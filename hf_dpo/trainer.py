@@ -237,8 +237,7 @@ class DPOTrainer(Trainer):
     def create_model_card(
         self, license=None, tags=None, model_name=None, dataset=None, dataset_name=None, **_
     ):
-        """hf_dpo's model card (README.md, with training_curves.png) in output_dir; transformers' and TRL's
-        keyword arguments (license, model_name, dataset / dataset_name) feed into it."""
+        """hf_dpo's card and curves in output_dir; license, model_name, dataset / dataset_name feed it."""
         if self.is_world_process_zero():
             datasets = [dataset_name or dataset] if (dataset_name or dataset) else None
             self.write_model_card(self.args.output_dir, license, model_name, datasets)
@@ -269,7 +268,7 @@ class DPOTrainer(Trainer):
 
     def write_model_card(self, output_dir, license=None, model_name=None, datasets=None) -> Path:
         """Render README.md and training_curves.png into output_dir from the run's settings and log history."""
-        curves.plot_training_curves(self.state.log_history, Path(output_dir) / "training_curves.png")
+        curves.plot_training_curves(self.state.log_history, Path(output_dir) / curves.CURVES_FILE)
         inputs = {
             "base_model": _model_name(self.model),
             "datasets": datasets or self.datasets_used,
