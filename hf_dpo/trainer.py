@@ -26,8 +26,7 @@ from .losses import LOSSES, LossSpec, metric_means, metric_sums, preference_loss
 
 logger = logging.getLogger(__name__)
 
-# The DPOConfig fields of the card's settings table, in its order.
-_CARD_SETTINGS = (  # noqa: SIM905 (one name list, not eighteen lines)
+_CARD_SETTINGS = (  # the DPOConfig fields of the card's settings table, in order  # noqa: SIM905
     "loss_type beta label_smoothing reference_free logp_reduction learning_rate lr_scheduler_type optim "
     "num_train_epochs max_steps per_device_train_batch_size gradient_accumulation_steps max_length "
     "max_prompt_length precompute_ref_log_probs padding_free gradient_checkpointing seed"
@@ -65,8 +64,7 @@ class DPOTrainer(Trainer):
         # The Hub token stays in memory only: never in training_args.bin or anything else written to disk.
         self._hub_token, args.hub_token = args.hub_token, None
         # Every push goes through push_to_hub / HubPushAtSave (transformers' own would add training_args.bin).
-        hub_strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy))
-        args.hub_strategy = "end"
+        hub_strategy, args.hub_strategy = str(getattr(args.hub_strategy, "value", args.hub_strategy)), "end"
         if not torch.accelerator.is_available():
             args.dataloader_pin_memory = False  # nothing to pin to on CPU (and no warning at every epoch)
         if args.ddp_find_unused_parameters is None:  # every trained (LoRA) weight takes part in every forward
@@ -90,35 +88,25 @@ class DPOTrainer(Trainer):
         self.loss_spec = LossSpec.from_config(args)
         self.reference = modeling.choose_reference(model, args, ref_model)
         # Rows [prompt | completion 0 | ...] where the attention allows it (hf_dpo's keeps completions apart).
-        self.share_prompt = args.share_prompt and can_share_prompt(
-            {"model": model, "ref_model": ref_model}, args.max_length
-        )
+        models = {"model": model, "ref_model": ref_model}
+        self.share_prompt = args.share_prompt and can_share_prompt(models, args.max_length)
         if self.share_prompt:
             for candidate in (model, self.reference.model):
                 if candidate is not None:
                     use_varlen_attention(candidate)
-        processing_class = processing_class or modeling.load_tokenizer(_model_name(model))
+        tokenizer = processing_class or modeling.load_tokenizer(_model_name(model))
         # The main process tokenises first (filling the `datasets` cache); the others then read that cache.
         with args.main_process_first(desc="tokenising the preference data"):
-            train_dataset = self._tokenize(train_dataset, processing_class, args, "train")
-            eval_dataset = _each_split(
-                eval_dataset, lambda ds, name: self._tokenize(ds, processing_class, args, name)
-            )
+            train_dataset = _tokenize(train_dataset, tokenizer, args, "train")
+            eval_dataset = _each_split(eval_dataset, lambda ds, name: _tokenize(ds, tokenizer, args, name))
         data_collator = data_collator or PreferenceCollator(
-            pad_token_id=_pad_token_id(processing_class, args.pad_token),
+            pad_token_id=_pad_token_id(tokenizer, args.pad_token),
             pad_to_multiple_of=args.pad_to_multiple_of,
             padding_free=args.padding_free,
             share_prompt=self.share_prompt,
         )
         super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            callbacks=callbacks,
-            **kwargs,
+            model, args, data_collator, train_dataset, eval_dataset, tokenizer, callbacks=callbacks, **kwargs
         )
         launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched > 1 and self.args.world_size != launched:
@@ -149,39 +137,15 @@ class DPOTrainer(Trainer):
         """The separate reference model, as in TRL (None when the reference is an adapter of the model)."""
         return self.reference.model if self.reference.kind == "model" else None
 
-    # ---------------------------------------------------------------- data
-    @staticmethod
-    def _tokenize(dataset, tokenizer, args: DPOConfig, split: str):
-        if dataset is not None and "prompt_input_ids" not in dataset.column_names:
-            if "completions" not in dataset.column_names:
-                # Raw rows in any record format: normalised as load_preference_data does, with its messages.
-                dataset = data.load_preference_data(dataset, split=split)["train"]
-            dataset = data.tokenize_preference_dataset(
-                dataset,
-                tokenizer,
-                max_length=args.max_length,
-                max_prompt_length=args.max_prompt_length,
-                num_proc=args.dataset_num_proc,
-                split_name=split,
-            )
-        if dataset is not None:
-            data.check_pairs_for_loss(dataset, args.loss_type, f"<{split} dataset>")
-        return dataset
-
-    def _describe_rows(self, lines: list[int]) -> str:
-        return data.describe_rows(self.train_dataset, lines) if lines else "data rows unknown"
-
     # ---------------------------------------------------------------- forward passes
     def sequence_logps(self, model: nn.Module, inputs: dict, with_stats: bool = True) -> SequenceLogps:
-        """Completion log-probs of every sequence in the batch from ONE forward of `model`: (B*K,) tensors,
-        with the per-token statistics (entropy, top-1, WPO's log sum p^2) unless `with_stats` is False."""
+        """(B*K,) completion log-probs (per-token statistics too if `with_stats`) from ONE `model` forward."""
         args = self.args
         options = dict(reduction=args.logp_reduction, chunk_size=args.logp_chunk_size, ld_alpha=args.ld_alpha)
         return batch_logps(model, inputs, with_stats=with_stats, **options)
 
     def reference_logps(self, model: nn.Module, inputs: dict) -> torch.Tensor | None:
-        """Reference log-probs, shape (B, K): precomputed, or from the reference policy under no_grad; None
-        when no loss needs them (reference_free, or only simpo / sft)."""
+        """(B, K) reference log-probs, precomputed or by the reference policy; None if no loss needs them."""
         if not self.loss_spec.needs_reference:
             return None
         if "ref_logps" in inputs:
@@ -204,22 +168,22 @@ class DPOTrainer(Trainer):
             sums = self._metric_sums[mode]
             for key, value in metric_sums(policy, rewards, response_mask, loss_metrics).items():
                 sums[key] = sums[key] + value
-        outputs = {"policy_logps": policy.logps.detach(), "rewards": rewards}
-        return (loss, outputs) if return_outputs else loss
+        return (loss, {"policy_logps": policy.logps.detach(), "rewards": rewards}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if "loss" in logs else "eval"
-        prefix = "eval_" if mode == "eval" else ""
+        mode, prefix = ("train", "") if "loss" in logs else ("eval", "eval_")
         sums, self._metric_sums[mode] = self._metric_sums[mode], defaultdict(float)
         if sums:  # this logging window's means, over every rank (losses.metric_means)
             keys = sorted(sums)
             stacked = torch.stack([torch.as_tensor(sums[k], device=self.args.device).float() for k in keys])
             means = metric_means(dict(zip(keys, self.accelerator.reduce(stacked, reduction="sum").tolist())))
-            # In place, so evaluate() returns these too (and they reach eval_results.json).
-            logs.update({f"{prefix}{k}": v for k, v in means.items()})
+            logs.update({f"{prefix}{k}": v for k, v in means.items()})  # in place: evaluate() returns these
         if mode == "train" and self.guard.skipped:
             logs["nonfinite_batches_skipped"] = self.guard.skipped
         super().log(logs, start_time)
+
+    def _describe_rows(self, lines: list[int]) -> str:
+        return data.describe_rows(self.train_dataset, lines) if lines else "data rows unknown"
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -249,8 +213,7 @@ class DPOTrainer(Trainer):
         return output
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the adapter and tokenizer (transformers), then hf_dpo's model card beside them; with
-        push_to_hub and a call by the user, publish as transformers does."""
+        """transformers' save_model, then hf_dpo's card beside the adapter; pushes as transformers does."""
         output_dir = output_dir or self.args.output_dir
         with save_faults(self):
             super().save_model(output_dir, _internal_call=True)
@@ -274,28 +237,22 @@ class DPOTrainer(Trainer):
     def create_model_card(
         self, license=None, tags=None, model_name=None, dataset=None, dataset_name=None, **_
     ):
-        """hf_dpo's model card (README.md, with training_curves.png) in output_dir; transformers' and TRL's
-        keyword arguments (license, model_name, dataset / dataset_name) feed into it."""
+        """hf_dpo's card and curves in output_dir; license, model_name, dataset / dataset_name feed it."""
         if self.is_world_process_zero():
             datasets = [dataset_name or dataset] if (dataset_name or dataset) else None
             self.write_model_card(self.args.output_dir, license, model_name, datasets)
 
     def push_to_hub(
-        self,
-        commit_message="End of training",
-        blocking=True,
-        token=None,
-        revision=None,
-        private=None,
-        **kwargs,
+        self, commit_message="End of training", blocking=True, token=None, revision=None, private=None, **card
     ):
-        """Publish adapter, tokenizer, hf_dpo's card, curves and results (never the token, local paths,
-        training_args.bin or optimizer states); returns the commit URL, raises HubPushError (with a retry)."""
+        """Publish adapter, tokenizer, hf_dpo's card (`card`: create_model_card keywords), curves and results
+        (never the token, local paths, training_args.bin or optimizer states); returns the commit URL, raises
+        HubPushError (with a retry)."""
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
-        self.create_model_card(**kwargs)
+        self.create_model_card(**card)
         return self._publish(self.args.output_dir, None, commit_message, token, revision, private)
 
     def _publish(self, folder, path_in_repo, commit_message, token=None, revision=None, private=None) -> str:
@@ -311,7 +268,7 @@ class DPOTrainer(Trainer):
 
     def write_model_card(self, output_dir, license=None, model_name=None, datasets=None) -> Path:
         """Render README.md and training_curves.png into output_dir from the run's settings and log history."""
-        curves.plot_training_curves(self.state.log_history, Path(output_dir) / "training_curves.png")
+        curves.plot_training_curves(self.state.log_history, Path(output_dir) / curves.CURVES_FILE)
         inputs = {
             "base_model": _model_name(self.model),
             "datasets": datasets or self.datasets_used,
@@ -348,12 +305,24 @@ class DPOTrainer(Trainer):
         peft_model = modeling.unwrap(self.model)
         lora = getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", None))
         if lora is not None:
-            targets = lora.target_modules
+            layers = lora.target_modules  # a regex, or a set of module names
             settings.update(lora_r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout)
-            settings["lora_target_modules"] = (
-                targets if isinstance(targets, str) else ",".join(sorted(targets))
-            )
+            settings["lora_target_modules"] = layers if isinstance(layers, str) else ",".join(sorted(layers))
         return settings
+
+
+def _tokenize(dataset, tokenizer, args: DPOConfig, split: str):
+    if dataset is None:
+        return None
+    if "prompt_input_ids" not in dataset.column_names:
+        if "completions" not in dataset.column_names:  # raw rows: normalised as load_preference_data does
+            dataset = data.load_preference_data(dataset, split=split)["train"]
+        lengths = {"max_length": args.max_length, "max_prompt_length": args.max_prompt_length}
+        dataset = data.tokenize_preference_dataset(
+            dataset, tokenizer, **lengths, num_proc=args.dataset_num_proc, split_name=split
+        )
+    data.check_pairs_for_loss(dataset, args.loss_type, f"<{split} dataset>")
+    return dataset
 
 
 def _each_split(dataset, function):
@@ -364,8 +333,7 @@ def _each_split(dataset, function):
 
 
 def _pad_token_id(tokenizer, pad_token: str | None) -> int:
-    """The id to pad with (padding is masked out, so any id works): `pad_token`, else the tokenizer's pad
-    token, else its EOS; the tokenizer itself is left as it is."""
+    """`pad_token`'s id, else the tokenizer's pad or EOS id (padding is masked out: any id works)."""
     if pad_token is not None:
         return tokenizer.convert_tokens_to_ids(pad_token)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -375,14 +343,12 @@ def _pad_token_id(tokenizer, pad_token: str | None) -> int:
 
 
 def _private_copy(args) -> DPOConfig:
-    """The trainer's own DPOConfig: a copy of the caller's, or a plain TrainingArguments upgraded with the DPO
-    defaults (the caller's object is never modified)."""
+    """The trainer's own DPOConfig: a copy of `args`, or a TrainingArguments given the DPO defaults."""
     if args is None or isinstance(args, DPOConfig):
         return copy.copy(args) if args is not None else DPOConfig()
     if not isinstance(args, TrainingArguments):
-        raise TypeError(
-            f"args must be a DPOConfig or transformers.TrainingArguments, got {type(args).__name__}"
-        )
+        kind = type(args).__name__
+        raise TypeError(f"args must be a DPOConfig or transformers.TrainingArguments, got {kind}")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     values["remove_unused_columns"] = False  # the collator needs the preference columns
     logger.info(
@@ -394,9 +360,8 @@ def _private_copy(args) -> DPOConfig:
 
 def _model_name(model: nn.Module) -> str:
     """The base model's name or path (a Hub id, a local folder, or the tiny model's name)."""
-    inner = modeling.unwrap(model)
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    name = str(getattr(getattr(base, "config", None), "_name_or_path", "") or "")
+    config = getattr(modeling.unwrap(model), "config", None)  # a PeftModel's is its base model's
+    name = str(getattr(config, "_name_or_path", "") or "")
     if name and (Path(name) / "hf_dpo_tiny.json").is_file():
         return tiny.TINY_MODEL_NAME
     return name or "a causal language model"
