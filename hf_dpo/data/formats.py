@@ -12,8 +12,9 @@ from typing import Any
 
 import datasets
 import pyarrow.compute as pc
+from datasets.fingerprint import Hasher
 
-from .sources import SOURCE_FEATURES, PreferenceDataError, RawPart, cache_key, parse_json, read_source
+from .sources import SOURCE_FEATURES, PreferenceDataError, RawPart, parse_json, read_source
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def _normalise_part(part: RawPart, fields: Fields) -> datasets.Dataset:
     dataset, kwargs = part.dataset, {"name": part.name, "kind": part.kind, "fields": fields}
     if not len(dataset):  # map would return a dataset without columns
         return datasets.Dataset.from_dict({key: [] for key in _MAP_FEATURES}, _MAP_FEATURES)
-    key = cache_key("normalise", FORMAT_VERSION, dataset._fingerprint, kwargs)
+    key = Hasher.hash(("normalise", FORMAT_VERSION, dataset._fingerprint, kwargs))
     options = {"batched": True, "with_indices": True, "features": _MAP_FEATURES, "desc": "Normalising"}
     options.update(remove_columns=dataset.column_names, new_fingerprint=key)
     options["batch_size"] = 1 if part.kind == "line" else 1000  # a row of "line" parts holds 1000 lines
@@ -212,7 +213,7 @@ def drop_marked(dataset: datasets.Dataset, num_proc: int | None = None) -> tuple
         logger.warning("%s, %s %s: dropping the row: %s%s", *Where.of(row), row["_drop"], more)
     if counts:
         kwargs = {"input_columns": "_drop", "batched": True, "num_proc": num_proc}
-        kept = cache_key(dataset._fingerprint, "kept")
+        kept = Hasher.hash((dataset._fingerprint, "kept"))
         dataset = dataset.filter(lambda drops: [not d for d in drops], new_fingerprint=kept, **kwargs)
     return dataset.remove_columns("_drop"), counts
 
@@ -281,7 +282,7 @@ def load_preference_data(
         stats["test"], names["test"] = SplitStats("test", n_test, n_test), names["train"]
     for name, dataset in splits.items():
         if ranked_mode == "pairs":
-            key = cache_key(dataset._fingerprint, "pairs")
+            key = Hasher.hash((dataset._fingerprint, "pairs"))
             dataset = dataset.map(_expand_pairs, batched=True, new_fingerprint=key, desc="Expanding pairs")
         st = stats[name]
         if not len(dataset):  # an empty split is always a mistake: say so here, not as a crash in the trainer

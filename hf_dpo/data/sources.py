@@ -19,7 +19,9 @@ from datasets.data_files import DataFilesDict, get_data_patterns
 from ..resources import bundled_file
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-# A hand-read JSON Lines part: non-blank lines (bytes, parsed when normalised) and their numbers, 1000 to a row.
+# One file or source split: its Dataset, name and kind, "row" (the records' own columns) or "line" (JSON Lines
+# read by hand, as LINE_FEATURES: non-blank lines, bytes parsed when normalised, with numbers, 1000 to a row).
+RawPart = namedtuple("RawPart", "dataset name kind")
 _BYTES, _LINE, _TEXT = datasets.Value("binary"), datasets.Value("int64"), datasets.Value("string")
 LINE_FEATURES = datasets.Features({"json": [_BYTES], "source_line": [_LINE]})
 # Where a row comes from ("a.jsonl", "<train dataset>" or "owner/name (split)"; "line" or "row"): plain columns
@@ -38,15 +40,6 @@ class PreferenceDataError(ValueError):
 
     def __reduce__(self):  # keeps the attributes when raised in a `datasets` worker process
         return (type(self), (self.reason, self.path, self.line, self.field, self.line_kind))
-
-
-# One file or source split: its Dataset (kind "line": LINE_FEATURES; "row": the records' own columns), name.
-RawPart = namedtuple("RawPart", "dataset name kind")
-
-
-def cache_key(*parts: Any) -> str:
-    """A `datasets` fingerprint for a transform of ours: a hash of its input's fingerprint and settings."""
-    return datasets.fingerprint.Hasher.hash(parts)
 
 
 def bundled_data_path() -> Path:
