@@ -93,8 +93,7 @@ def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
     chosen_key = fields.chosen or next((k for k in present if value.get(k) is not None), present[0])
     for key in (chosen_key, fields.rejected):
         if key not in value:
-            names = sorted(map(str, value))
-            shown = ", ".join(repr(k[:40]) for k in names[:20]) + ", ..." * (len(names) > 20)
+            shown = ", ".join(repr(k[:40]) for k in sorted(value)[:20]) + ", ..." * (len(value) > 20)
             alias = " (or 'chose')" if key == "chosen" and fields.chosen is None else ""
             raise where.error(key, f"missing field {key!r}{alias}; the row has fields: [{shown}]")
         if value[key] is None:
@@ -104,10 +103,9 @@ def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
         return _conversation(prompt, [(chosen_key, chosen), (fields.rejected, rejected)], where, fields)
     chosen = _expect(chosen, str, "a string", chosen_key, where)
     rejected = _expect(rejected, str, "a string", fields.rejected, where)
-    if prompt is None:  # the seed's format: the prompt is the shared start of both texts
+    if prompt is None:  # seed format: the prompt is the common start up to its last whitespace (as in TRL)
         if chosen == rejected:
             return DROP_IDENTICAL
-        # cut back to its last whitespace, which starts the completions (as in TRL): no word is split
         common = os.path.commonprefix([chosen, rejected])
         prompt = common[: max((i for i, char in enumerate(common) if char.isspace()), default=0)]
         if not prompt:
@@ -207,9 +205,8 @@ def drop_marked(dataset: datasets.Dataset, num_proc: int | None = None) -> tuple
     """The rows a map did not mark in `_drop` (a reason), and the counts by reason; logs the first few."""
     drops = dataset.with_format("arrow")["_drop"]
     counts = {v["values"]: v["counts"] for v in pc.value_counts(drops).to_pylist() if v["values"]}
-    for i, at in enumerate(pc.indices_nonzero(pc.not_equal(drops, ""))[:_MAX_DROP_WARNINGS].to_pylist()):
+    for i, row in enumerate(dataset.select(pc.indices_nonzero(pc.not_equal(drops, ""))[:_MAX_DROP_WARNINGS])):
         more = " (further drops only counted)" if i == _MAX_DROP_WARNINGS - 1 else ""
-        row = dataset[at]
         logger.warning("%s, %s %s: dropping the row: %s%s", *Where.of(row), row["_drop"], more)
     if counts:
         kwargs = {"input_columns": "_drop", "batched": True, "num_proc": num_proc}

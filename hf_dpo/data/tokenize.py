@@ -28,7 +28,7 @@ def _encoder(tokenizer):
     state = rust and (rust.truncation, rust.padding, rust.encode_special_tokens)
     plain = getattr(type(tokenizer), "_encode_plus", None) is PreTrainedTokenizerFast._encode_plus
     if plain and state == (None, None, tokenizer.split_special_tokens):  # as __call__ would set them
-        encode = getattr(rust, "encode_batch_fast", rust.encode_batch)  # (same ids, no character offsets)
+        encode = rust.encode_batch_fast  # the ids of encode_batch, without character offsets
         return lambda texts, special: [e.ids for e in encode(texts, add_special_tokens=special)]
     return lambda texts, special: tokenizer(texts, add_special_tokens=special)["input_ids"]
 
@@ -120,8 +120,7 @@ def tokenize_preference_dataset(
         empty = datasets.Dataset.from_dict({key: [] for key in features}, features=features)
         return (empty, SplitStats(split_name)) if return_stats else empty
     settings = {"max_length": max_length, "max_prompt_length": max_prompt_length, "split_name": split_name}
-    # The tokenizer's identity: its state as `datasets` hashes it (definition, chat template, special tokens;
-    # not the padding/truncation a call leaves behind), and a probe's ids (Python-side logic).
+    # The tokenizer as `datasets` hashes it (not a call's leftover padding/truncation), and a probe's ids.
     probe = tokenizer("hf_dpo probe: Hello, world!\n").input_ids
     key = Hasher.hash(("tokenize", TOKENIZE_VERSION, dataset._fingerprint, tokenizer, probe, settings))
     status = {"_truncated": datasets.Value("bool"), "_drop": datasets.Value("string")}
