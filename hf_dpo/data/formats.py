@@ -8,7 +8,6 @@ import math
 import os
 from collections import namedtuple
 from dataclasses import dataclass, field
-from typing import Any
 
 import datasets
 import pyarrow.compute as pc
@@ -63,7 +62,7 @@ class Where(namedtuple("Where", "name kind line")):
         return PreferenceDataError(reason, self.name, self.line, field, self.kind)
 
 
-def _expect(value: Any, kind: type, what: str, field: str | None, where: Where) -> Any:
+def _expect(value, kind: type, what: str, field: str | None, where: Where):
     if not isinstance(value, kind):
         raise where.error(field, f"expected {what}, got {'null' if value is None else type(value).__name__}")
     return value
@@ -76,7 +75,7 @@ def _completion(text: str, prompt: str, field: str, where: Where) -> str:
     return text
 
 
-def _messages(value: Any, field: str, where: Where) -> list[dict[str, str]]:
+def _messages(value, field: str, where: Where) -> list[dict[str, str]]:
     for i, message in enumerate(_expect(value, list, "a list of messages", field, where)):
         _expect(message, dict, "a message object", f"{field}[{i}]", where)
         for key in ("role", "content"):
@@ -84,7 +83,7 @@ def _messages(value: Any, field: str, where: Where) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
+def _normalise(value, where: Where, fields: Fields) -> tuple | str:
     """(prompt, completions best first, messages_json, scores), or why the record is dropped."""
     _expect(value, dict, "an object with fields", None, where)
     if value.get(fields.responses) is not None:
@@ -117,7 +116,7 @@ def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
     return DROP_IDENTICAL if chosen == rejected else (prompt, [chosen, rejected], "", None)
 
 
-def _conversation(prompt: Any, sides: list, where: Where, fields: Fields) -> tuple | str:
+def _conversation(prompt, sides: list, where: Where, fields: Fields) -> tuple | str:
     sides = [(key, _messages(value, key, where)) for key, value in sides]
     for key, msgs in sides:
         if not msgs:

@@ -59,8 +59,7 @@ def _tokenize_batch(batch: dict, tokenizer, max_length, max_prompt_length, split
     for i, messages in enumerate(batch.get("messages_json") or [""] * len(batch["prompt"])):
         prompt, completions, special = batch["prompt"][i], batch["completions"][i], True
         if messages:
-            row = {key: batch[key][i] for key in SOURCE_FEATURES if key in batch}
-            where = Where.of(row, f"<{split_name} dataset>")
+            where = Where.of({key: column[i] for key, column in batch.items()}, f"<{split_name} dataset>")
             prompt, completions, special = _render_conversation(messages, tokenizer, where)
         rows.append((special, len(texts[special]), completions))
         texts[special] += [prompt] + [prompt + c for c in completions]
