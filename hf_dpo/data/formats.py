@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import datasets
 import pyarrow.compute as pc
-from datasets.fingerprint import Hasher
 
 from .sources import SOURCE_FEATURES, PreferenceDataError, RawPart, parse_json, read_source
 
@@ -21,8 +20,7 @@ _TEXT = datasets.Value("string")
 NORMALISED_FEATURES = datasets.Features(
     {"prompt": _TEXT, "completions": [_TEXT], "source_line": datasets.Value("int64"), "messages_json": _TEXT}
 )
-# The map also writes why a row is dropped ("" if kept) and the scores of ranked rows (for pairs).
-_EXTRA = {"_drop": _TEXT, "_scores": datasets.List(datasets.Value("float64"))}
+_EXTRA = {"_drop": _TEXT, "_scores": [datasets.Value("float64")]}  # why dropped ("" if kept); ranked scores
 _MAP_FEATURES = datasets.Features({**NORMALISED_FEATURES, **SOURCE_FEATURES, **_EXTRA})
 FORMAT_VERSION = "1"  # part of the cache key: bump it when normalised rows change
 RANKED_MODES = ("plackett_luce", "pairs")
@@ -158,8 +156,7 @@ def _ranked(value: dict, where: Where, fields: Fields) -> tuple | str:
     keys = [f"{fields.responses}[{i}]" for i in range(len(responses))]
     texts = [_expect(r, str, "a string", k, where) for k, r in zip(keys, responses)]
     texts = [_completion(text, prompt, k, where) for k, text in zip(keys, texts)]
-    scores = value.get(fields.scores)
-    if scores is not None:
+    if (scores := value.get(fields.scores)) is not None:
         _expect(scores, list, "a list of numbers", fields.scores, where)
         if len(scores) != len(texts):
             reason = f"has {len(scores)} scores for {len(texts)} {fields.responses!r}; lengths must match"
@@ -193,7 +190,7 @@ def _normalise_part(part: RawPart, fields: Fields) -> datasets.Dataset:
     dataset, kwargs = part.dataset, {"name": part.name, "kind": part.kind, "fields": fields}
     if not len(dataset):  # map would return a dataset without columns
         return datasets.Dataset.from_dict({key: [] for key in _MAP_FEATURES}, _MAP_FEATURES)
-    key = Hasher.hash(("normalise", FORMAT_VERSION, dataset._fingerprint, kwargs))
+    key = datasets.fingerprint.Hasher.hash(("normalise", FORMAT_VERSION, dataset._fingerprint, kwargs))
     options = {"batched": True, "with_indices": True, "features": _MAP_FEATURES, "desc": "Normalising"}
     options.update(remove_columns=dataset.column_names, new_fingerprint=key)
     options["batch_size"] = 1 if part.kind == "line" else 1000  # a row of "line" parts holds 1000 lines
@@ -209,7 +206,7 @@ def drop_marked(dataset: datasets.Dataset, num_proc: int | None = None) -> tuple
         logger.warning("%s, %s %s: dropping the row: %s%s", *Where.of(row), row["_drop"], more)
     if counts:
         kwargs = {"input_columns": "_drop", "batched": True, "num_proc": num_proc}
-        kept = Hasher.hash((dataset._fingerprint, "kept"))
+        kept = datasets.fingerprint.Hasher.hash((dataset._fingerprint, "kept"))
         dataset = dataset.filter(lambda drops: [not d for d in drops], new_fingerprint=kept, **kwargs)
     return dataset.remove_columns("_drop"), counts
 
@@ -278,7 +275,7 @@ def load_preference_data(
         stats["test"], names["test"] = SplitStats("test", n_test, n_test), names["train"]
     for name, dataset in splits.items():
         if ranked_mode == "pairs":
-            key = Hasher.hash((dataset._fingerprint, "pairs"))
+            key = datasets.fingerprint.Hasher.hash((dataset._fingerprint, "pairs"))
             dataset = dataset.map(_expand_pairs, batched=True, new_fingerprint=key, desc="Expanding pairs")
         st = stats[name]
         if not len(dataset):  # an empty split is always a mistake: say so here, not as a crash in the trainer

@@ -17,12 +17,10 @@ from datasets.data_files import DataFilesDict, get_data_patterns
 from ..resources import bundled_file
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-# One file or source split. Kind "row": the records' own columns; "line": LINE_FEATURES (non-blank raw lines).
-RawPart = namedtuple("RawPart", "dataset name kind")
+RawPart = namedtuple("RawPart", "dataset name kind")  # kind "row": its own columns; "line": LINE_FEATURES
 _BYTES, _LINE, _TEXT = datasets.Value("binary"), datasets.Value("int64"), datasets.Value("string")
 LINE_FEATURES = datasets.Features({"json": [_BYTES], "source_line": [_LINE]})
-# Where a row comes from ("a.jsonl", "<train dataset>" or "owner/name (split)"; "line" or "row"): plain columns
-# survive map, filter, shuffle, save/load and concatenate_datasets (each row keeps its file's name).
+# A row's origin, as plain columns: they survive map, filter, shuffle, save/load and concatenate_datasets.
 SOURCE_FEATURES = datasets.Features({"source_line": _LINE, "source_name": _TEXT, "source_kind": _TEXT})
 
 
