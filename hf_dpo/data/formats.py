@@ -8,12 +8,11 @@ import math
 import os
 from collections import namedtuple
 from dataclasses import dataclass, field
-from typing import Any
 
 import datasets
 import pyarrow.compute as pc
 
-from .sources import SOURCE_FEATURES, PreferenceDataError, RawPart, cache_key, parse_json, read_source
+from .sources import SOURCE_FEATURES, PreferenceDataError, RawPart, parse_json, read_source
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +20,7 @@ _TEXT = datasets.Value("string")
 NORMALISED_FEATURES = datasets.Features(
     {"prompt": _TEXT, "completions": [_TEXT], "source_line": datasets.Value("int64"), "messages_json": _TEXT}
 )
-# The map also writes why a row is dropped ("" if kept) and the scores of ranked rows (for pairs).
-_EXTRA = {"_drop": _TEXT, "_scores": datasets.List(datasets.Value("float64"))}
+_EXTRA = {"_drop": _TEXT, "_scores": [datasets.Value("float64")]}  # why dropped ("" if kept); ranked scores
 _MAP_FEATURES = datasets.Features({**NORMALISED_FEATURES, **SOURCE_FEATURES, **_EXTRA})
 FORMAT_VERSION = "1"  # part of the cache key: bump it when normalised rows change
 RANKED_MODES = ("plackett_luce", "pairs")
@@ -62,7 +60,7 @@ class Where(namedtuple("Where", "name kind line")):
         return PreferenceDataError(reason, self.name, self.line, field, self.kind)
 
 
-def _expect(value: Any, kind: type, what: str, field: str | None, where: Where) -> Any:
+def _expect(value, kind: type, what: str, field: str | None, where: Where):
     if not isinstance(value, kind):
         raise where.error(field, f"expected {what}, got {'null' if value is None else type(value).__name__}")
     return value
@@ -75,7 +73,7 @@ def _completion(text: str, prompt: str, field: str, where: Where) -> str:
     return text
 
 
-def _messages(value: Any, field: str, where: Where) -> list[dict[str, str]]:
+def _messages(value, field: str, where: Where) -> list[dict[str, str]]:
     for i, message in enumerate(_expect(value, list, "a list of messages", field, where)):
         _expect(message, dict, "a message object", f"{field}[{i}]", where)
         for key in ("role", "content"):
@@ -83,7 +81,7 @@ def _messages(value: Any, field: str, where: Where) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
+def _normalise(value, where: Where, fields: Fields) -> tuple | str:
     """(prompt, completions best first, messages_json, scores), or why the record is dropped."""
     _expect(value, dict, "an object with fields", None, where)
     if value.get(fields.responses) is not None:
@@ -92,8 +90,7 @@ def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
     chosen_key = fields.chosen or next((k for k in present if value.get(k) is not None), present[0])
     for key in (chosen_key, fields.rejected):
         if key not in value:
-            names = sorted(map(str, value))
-            shown = ", ".join(repr(k[:40]) for k in names[:20]) + ", ..." * (len(names) > 20)
+            shown = ", ".join(repr(k[:40]) for k in sorted(value)[:20]) + ", ..." * (len(value) > 20)
             alias = " (or 'chose')" if key == "chosen" and fields.chosen is None else ""
             raise where.error(key, f"missing field {key!r}{alias}; the row has fields: [{shown}]")
         if value[key] is None:
@@ -103,10 +100,9 @@ def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
         return _conversation(prompt, [(chosen_key, chosen), (fields.rejected, rejected)], where, fields)
     chosen = _expect(chosen, str, "a string", chosen_key, where)
     rejected = _expect(rejected, str, "a string", fields.rejected, where)
-    if prompt is None:  # the seed's format: the prompt is the shared start of both texts
+    if prompt is None:  # seed format: the prompt is the common start up to its last whitespace (as in TRL)
         if chosen == rejected:
             return DROP_IDENTICAL
-        # cut back to its last whitespace, which starts the completions (as in TRL): no word is split
         common = os.path.commonprefix([chosen, rejected])
         prompt = common[: max((i for i, char in enumerate(common) if char.isspace()), default=0)]
         if not prompt:
@@ -118,7 +114,7 @@ def _normalise(value: Any, where: Where, fields: Fields) -> tuple | str:
     return DROP_IDENTICAL if chosen == rejected else (prompt, [chosen, rejected], "", None)
 
 
-def _conversation(prompt: Any, sides: list, where: Where, fields: Fields) -> tuple | str:
+def _conversation(prompt, sides: list, where: Where, fields: Fields) -> tuple | str:
     sides = [(key, _messages(value, key, where)) for key, value in sides]
     for key, msgs in sides:
         if not msgs:
@@ -160,8 +156,7 @@ def _ranked(value: dict, where: Where, fields: Fields) -> tuple | str:
     keys = [f"{fields.responses}[{i}]" for i in range(len(responses))]
     texts = [_expect(r, str, "a string", k, where) for k, r in zip(keys, responses)]
     texts = [_completion(text, prompt, k, where) for k, text in zip(keys, texts)]
-    scores = value.get(fields.scores)
-    if scores is not None:
+    if (scores := value.get(fields.scores)) is not None:
         _expect(scores, list, "a list of numbers", fields.scores, where)
         if len(scores) != len(texts):
             reason = f"has {len(scores)} scores for {len(texts)} {fields.responses!r}; lengths must match"
@@ -195,7 +190,7 @@ def _normalise_part(part: RawPart, fields: Fields) -> datasets.Dataset:
     dataset, kwargs = part.dataset, {"name": part.name, "kind": part.kind, "fields": fields}
     if not len(dataset):  # map would return a dataset without columns
         return datasets.Dataset.from_dict({key: [] for key in _MAP_FEATURES}, _MAP_FEATURES)
-    key = cache_key("normalise", FORMAT_VERSION, dataset._fingerprint, kwargs)
+    key = datasets.fingerprint.Hasher.hash(("normalise", FORMAT_VERSION, dataset._fingerprint, kwargs))
     options = {"batched": True, "with_indices": True, "features": _MAP_FEATURES, "desc": "Normalising"}
     options.update(remove_columns=dataset.column_names, new_fingerprint=key)
     options["batch_size"] = 1 if part.kind == "line" else 1000  # a row of "line" parts holds 1000 lines
@@ -206,13 +201,12 @@ def drop_marked(dataset: datasets.Dataset, num_proc: int | None = None) -> tuple
     """The rows a map did not mark in `_drop` (a reason), and the counts by reason; logs the first few."""
     drops = dataset.with_format("arrow")["_drop"]
     counts = {v["values"]: v["counts"] for v in pc.value_counts(drops).to_pylist() if v["values"]}
-    for i, at in enumerate(pc.indices_nonzero(pc.not_equal(drops, ""))[:_MAX_DROP_WARNINGS].to_pylist()):
+    for i, row in enumerate(dataset.select(pc.indices_nonzero(pc.not_equal(drops, ""))[:_MAX_DROP_WARNINGS])):
         more = " (further drops only counted)" if i == _MAX_DROP_WARNINGS - 1 else ""
-        row = dataset[at]
         logger.warning("%s, %s %s: dropping the row: %s%s", *Where.of(row), row["_drop"], more)
     if counts:
         kwargs = {"input_columns": "_drop", "batched": True, "num_proc": num_proc}
-        kept = cache_key(dataset._fingerprint, "kept")
+        kept = datasets.fingerprint.Hasher.hash((dataset._fingerprint, "kept"))
         dataset = dataset.filter(lambda drops: [not d for d in drops], new_fingerprint=kept, **kwargs)
     return dataset.remove_columns("_drop"), counts
 
@@ -281,7 +275,7 @@ def load_preference_data(
         stats["test"], names["test"] = SplitStats("test", n_test, n_test), names["train"]
     for name, dataset in splits.items():
         if ranked_mode == "pairs":
-            key = cache_key(dataset._fingerprint, "pairs")
+            key = datasets.fingerprint.Hasher.hash((dataset._fingerprint, "pairs"))
             dataset = dataset.map(_expand_pairs, batched=True, new_fingerprint=key, desc="Expanding pairs")
         st = stats[name]
         if not len(dataset):  # an empty split is always a mistake: say so here, not as a crash in the trainer

@@ -9,21 +9,18 @@ import os
 import re
 from collections import namedtuple
 from pathlib import Path
-from typing import Any
 
 import datasets
-import pyarrow as pa
 import pyarrow.compute as pc
 from datasets.data_files import DataFilesDict, get_data_patterns
 
 from ..resources import bundled_file
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
-# A hand-read JSON Lines part: non-blank lines (bytes, parsed when normalised) and their numbers, 1000 to a row.
+RawPart = namedtuple("RawPart", "dataset name kind")  # kind "row": its own columns; "line": LINE_FEATURES
 _BYTES, _LINE, _TEXT = datasets.Value("binary"), datasets.Value("int64"), datasets.Value("string")
 LINE_FEATURES = datasets.Features({"json": [_BYTES], "source_line": [_LINE]})
-# Where a row comes from ("a.jsonl", "<train dataset>" or "owner/name (split)"; "line" or "row"): plain columns
-# survive map, filter, shuffle, save/load and concatenate_datasets (each row keeps its file's name).
+# A row's origin, as plain columns: they survive map, filter, shuffle, save/load and concatenate_datasets.
 SOURCE_FEATURES = datasets.Features({"source_line": _LINE, "source_name": _TEXT, "source_kind": _TEXT})
 
 
@@ -38,15 +35,6 @@ class PreferenceDataError(ValueError):
 
     def __reduce__(self):  # keeps the attributes when raised in a `datasets` worker process
         return (type(self), (self.reason, self.path, self.line, self.field, self.line_kind))
-
-
-# One file or source split: its Dataset (kind "line": LINE_FEATURES; "row": the records' own columns), name.
-RawPart = namedtuple("RawPart", "dataset name kind")
-
-
-def cache_key(*parts: Any) -> str:
-    """A `datasets` fingerprint for a transform of ours: a hash of its input's fingerprint and settings."""
-    return datasets.fingerprint.Hasher.hash(parts)
 
 
 def bundled_data_path() -> Path:
@@ -85,7 +73,7 @@ def _json_document_field(path: Path) -> str | None:
     return None if key is None or (isinstance(one_line, dict) and len(one_line) > 1) else json.loads(key[1])
 
 
-def parse_json(data: bytes, name: str, line: int | None = None) -> Any:
+def parse_json(data: bytes, name: str, line: int | None = None):
     """JSON from a line of a JSON Lines file (`line`) or a whole document; errors name their line."""
     try:
         return json.loads(data.decode("utf-8"))
@@ -144,7 +132,7 @@ def _splits(loaded, name: str | None, single: str) -> dict:
     return {str(n): (lambda ds=ds, n=n: [RawPart(ds, label(n), "row")]) for n, ds in loaded.items()}
 
 
-def read_source(source: Any, split: str, test_split: str | None, dataset_config: str | None, cache_dir=None):
+def read_source(source, split: str, test_split: str | None, dataset_config: str | None, cache_dir=None):
     """{"train": [RawPart, ...]} (and "test" when `test_split` is set); only the wanted splits are read."""
     path = Path(source).expanduser() if isinstance(source, (str, os.PathLike)) else None
     label = str(path) if path else f"<{type(source).__name__}>"
@@ -186,7 +174,7 @@ def describe_rows(dataset: datasets.Dataset, source_lines) -> str:
     lines, found = sorted({int(n) for n in source_lines}), {}
     if set(SOURCE_FEATURES) <= set(dataset.column_names):
         table = dataset.select_columns(list(SOURCE_FEATURES)).with_format("arrow")[:]
-        for row in table.filter(pc.is_in(table["source_line"], pa.array(lines, pa.int64()))).to_pylist():
+        for row in table.filter(pc.field("source_line").isin(lines)).to_pylist():
             found.setdefault((row["source_name"], row["source_kind"]), set()).add(row["source_line"])
     found = found or {("<dataset>", "row"): lines}  # rows built without source columns: their source_line
     numbers = {where: ", ".join(map(str, sorted(ns))) for where, ns in found.items()}
