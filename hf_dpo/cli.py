@@ -73,9 +73,8 @@ def _adapter(path) -> tuple[Path, str | None]:
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_run  # no torch: a push starts in a second
 
-    url = push_run(
-        args.output_dir, args.repo_id, token=args.token, private=args.private, revision=args.revision
-    )
+    options = {name: getattr(args, name) for name in ("token", "private", "revision")}
+    url = push_run(args.output_dir, args.repo_id, **options)
     print(f"pushed {args.output_dir} to {url}")
     return 0
 

@@ -135,8 +135,7 @@ class DPOConfig(TrainingArguments):
     def __post_init__(self):
         launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if launched > 1 and not self.use_cpu and not torch.accelerator.is_available():
-            # torchrun / accelerate launch on a machine without GPUs: one data-parallel job on CPU (gloo), never
-            # N independent runs writing the same output_dir.
+            # A launcher without GPUs: one data-parallel job over gloo, never N runs writing one output_dir.
             logger.info("%d processes and no GPU: training data-parallel on CPU (use_cpu)", launched)
             self.use_cpu = True
         super().__post_init__()

@@ -7,6 +7,7 @@ import logging
 import os
 import warnings
 import weakref
+from collections import namedtuple
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,12 +26,7 @@ logger = logging.getLogger(__name__)
 REFERENCE_ADAPTER = "reference"  # the frozen copy of a trained adapter that the trainer adds
 
 _PREPARED: weakref.WeakSet = weakref.WeakSet()  # models prepare_model has already seen
-
-
-@dataclass
-class LoadedModel:
-    model: nn.Module  # a peft.PeftModel
-    tokenizer: object
+LoadedModel = namedtuple("LoadedModel", "model tokenizer")  # what load_model returns; model: a peft.PeftModel
 
 
 def _dtype(name: str | None, default: torch.dtype) -> torch.dtype:

@@ -105,14 +105,10 @@ def resume_hint(argv: list[str]) -> Iterator[None]:
 def load_splits(data_args: DataArguments, seed: int):
     """ "train", and "test" when a test split or test size is given, from the data arguments."""
     same_names = ("dataset_config", "prompt_field", "chosen_field", "rejected_field", "ranked_mode")
-    return load_preference_data(
-        data_args.dataset_name or str(bundled_data_path()),
-        split=data_args.dataset_train_split,
-        test_split=data_args.dataset_test_split,
-        test_size=data_args.dataset_test_size,
-        seed=seed,
-        **{name: getattr(data_args, name) for name in same_names},
-    )
+    options = {name: getattr(data_args, name) for name in same_names}
+    options.update(split=data_args.dataset_train_split, test_split=data_args.dataset_test_split)
+    source = data_args.dataset_name or str(bundled_data_path())
+    return load_preference_data(source, test_size=data_args.dataset_test_size, seed=seed, **options)
 
 
 def setup_logging(training_args: DPOConfig) -> None:

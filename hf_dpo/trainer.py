@@ -234,9 +234,7 @@ class DPOTrainer(Trainer):
         """hub_model_id, or the output_dir's name (the Hub puts a bare name in the token owner's namespace)."""
         return self.args.hub_model_id or Path(self.args.output_dir).absolute().name
 
-    def create_model_card(
-        self, license=None, tags=None, model_name=None, dataset=None, dataset_name=None, **_
-    ):
+    def create_model_card(self, license=None, model_name=None, dataset=None, dataset_name=None, **_):
         """hf_dpo's card and curves in output_dir; license, model_name, dataset / dataset_name feed it."""
         if self.is_world_process_zero():
             datasets = [dataset_name or dataset] if (dataset_name or dataset) else None
